@@ -1,0 +1,152 @@
+"""Generalized knowledge distillation, GKD (Agarwal et al. 2024).
+
+Each step trains on one batch of responses ``y`` to the step's prompts ``x``. With probability
+``lambda`` (``gkd.lmbda``) the batch is *on-policy*: ``y ~ q_S(. | x)``, sampled by the rollout
+workers from the current student; otherwise it is the dataset's responses. Per response token,
+with ``p = p_T^tau(. | x, y_<t)`` the teacher and ``q = q_S^tau(. | x, y_<t)`` the student::
+
+    m    = beta * p + (1 - beta) * q
+    JSD  = beta * KL(p || m) + (1 - beta) * KL(q || m)
+    L    = mean over response tokens of JSD          (token mean)
+
+``beta = 0`` is taken as the forward ``KL(p || q)`` and ``beta = 1`` as the reverse
+``KL(q || p)`` (TRL's convention). The teacher ships its top-k log-probs at temperature
+``tau`` plus a tail bucket, and the student is bucketed the same way
+(``raykd.losses.topk_jsd``). Targets on dataset responses are scored once per example and
+cached, as in ``word_kd``; targets on student samples are scored afresh every step. The
+on/off-policy draw is seeded by ``(run.seed, step)``, so a resumed run makes the same draws
+as an unbroken one.
+
+Loop: build learners, rollout workers (when ``lambda > 0``) and teacher scorers -> for step:
+draw on/off-policy -> responses -> teacher top-k targets -> train -> sync weights ->
+checkpoint -> export.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import ray
+import torch
+
+from raykd.algorithms.common import (
+    StageContext,
+    batch_tensors,
+    dataset_batch,
+    example_stream,
+    finish,
+    global_batch_size,
+    make_learners,
+    make_rollouts,
+    make_scorers,
+    maybe_checkpoint,
+    mean_metrics,
+    resume,
+    sample_rollouts,
+    split_batch,
+    sync_weights,
+    to_micro_batches,
+)
+from raykd.batch import SequenceBatch
+from raykd.losses import reduce_loss, topk_jsd
+from raykd.roles.target_cache import TopKCache
+
+
+def gkd_loss(model, mb, *, beta, temperature, chunk_size):
+    """Learner-side loss of one micro-batch: token-mean generalized JSD to the teacher."""
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    mask = mb["loss_mask"][:, 1:]
+    # logits[:, t] predicts token t+1: pair the view logits[:, :-1] with [:, 1:] targets.
+    per_token = topk_jsd(
+        logits[:, :-1],
+        mb["topk_logprobs"][:, 1:],
+        mb["topk_indices"][:, 1:],
+        mask,
+        beta=beta,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+    loss = reduce_loss(per_token, mask, "token_mean")
+    return loss, {"jsd": loss.item()}
+
+
+def is_on_policy(seed: int, step: int, lmbda: float) -> bool:
+    """The step's on/off-policy draw, a pure function of ``(seed, step)``."""
+    return random.Random(seed * 1_000_003 + step).random() < lmbda
+
+
+def fresh_targets(
+    scorers, batch: SequenceBatch, k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher top-k targets of ``batch``'s response positions, dense ``[B, T, k]`` (not cached).
+
+    Positions off the loss mask hold a valid filler distribution that no loss reads."""
+    parts = split_batch(batch, len(scorers))
+    refs = [a.topk_targets.remote(b, k, temperature) for a, b in zip(scorers.actors, parts)]
+    per_example = [t for part in ray.get(refs) for t in part]
+    bsz, seqlen = batch.loss_mask.shape
+    lp = torch.full((bsz, seqlen, k), math.log(0.5 / k))
+    idx = torch.arange(k).expand(bsz, seqlen, k).clone()
+    for b, (vals, ids) in enumerate(per_example):
+        pos = batch.loss_mask[b].nonzero().flatten()
+        lp[b, pos] = vals.float()
+        idx[b, pos] = ids.long()
+    return lp, idx
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, gc = ctx.cfg, ctx.cfg.gkd
+    if not 0.0 <= gc.lmbda <= 1.0:
+        raise ValueError(f"gkd.lmbda must be in [0, 1], got {gc.lmbda}")
+    t0 = time.time()
+    k = cfg.teacher.top_k
+
+    # 1. Roles: learners (resumed if a checkpoint exists), samplers, teacher scorers.
+    learners = make_learners(ctx, ctx.student_in, gc.lr)
+    start = resume(ctx, learners)
+    rollouts = make_rollouts(cfg, ctx.student_in) if gc.lmbda > 0 else None
+    if rollouts is not None and start:
+        sync_weights(learners, rollouts)
+    scorers = make_scorers(ctx)
+    cache = TopKCache(cfg.teacher.cache_dir, ctx.teacher_path, k, gc.temperature)
+    loss_kwargs = dict(
+        beta=gc.beta, temperature=gc.temperature, chunk_size=cfg.learner.loss_chunk_size
+    )
+
+    # 2. Train.
+    metrics: dict = {}
+    for step, examples in example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start):
+        if step >= gc.steps:
+            break
+        on_policy = is_on_policy(cfg.run.seed, step, gc.lmbda)
+        # Responses and teacher targets: the student's samples (scored now) or the dataset's
+        # responses (scored once, then cached).
+        if on_policy:
+            batch = sample_rollouts(ctx, rollouts, examples, seed=cfg.run.seed * 1000 + step).batch
+            tensors = batch_tensors(batch)
+            targets = fresh_targets(scorers, batch, k, gc.temperature)
+        else:
+            cache.fill(examples, scorers, ctx.pad_id, cfg.teacher.batch_size)
+            tensors = dataset_batch(examples, ctx.pad_id)
+            targets = cache.dense(examples, tensors["loss_mask"])
+        tensors["topk_logprobs"], tensors["topk_indices"] = targets
+        shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
+        metrics = mean_metrics(
+            learners.call_per_rank("train_step", [(s, gkd_loss) for s in shards], **loss_kwargs)
+        )
+        # The samplers follow the student.
+        if rollouts is not None:
+            sync_weights(learners, rollouts)
+        mask = tensors["loss_mask"]
+        metrics.update(
+            on_policy=float(on_policy), response_tokens=float(mask.sum() / mask.shape[0])
+        )
+        ctx.log(step + 1, gc.steps, metrics, t0)
+        maybe_checkpoint(ctx, learners, step + 1, gc.steps)
+
+    if rollouts is not None:
+        rollouts.shutdown()
+    scorers.shutdown()
+    return finish(ctx, learners, gc.steps, t0, metrics)

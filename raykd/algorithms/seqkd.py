@@ -1,0 +1,69 @@
+"""Sequence-level KD (Kim & Rush 2016) and SCoTD (Li et al. 2023).
+
+The teacher writes the training data: for every training prompt ``x`` it samples ``N``
+responses ``y^(1..N) ~ p_T(. | x)`` (with chain-of-thought when the prompt asks for it —
+SCoTD), and the student is fine-tuned on them by cross-entropy::
+
+    L = - (1 / |y|) * sum_t log q_S(y_t | x, y_<t)       for (x, y) in teacher samples
+
+The samples are written once to ``<run>/data/<stage>-teacher_samples.jsonl`` (atomically) and
+reused by a resumed run, so the teacher decodes every prompt only once.
+
+Loop: teacher rollout workers sample N responses per prompt -> the supervised loop
+(``supervised.train_cross_entropy``) on those samples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from raykd.algorithms.common import (
+    StageContext,
+    make_rollouts,
+    sample_rollouts,
+)
+from raykd.algorithms.supervised import train_cross_entropy
+from raykd.batch import Example
+from raykd.pipeline.rundir import atomic_write_text
+
+
+def teacher_samples(ctx: StageContext) -> list[Example]:
+    """``samples_per_prompt`` teacher responses per training prompt (cached in the run dir)."""
+    cfg, sc = ctx.cfg, ctx.cfg.seqkd
+    path = ctx.rundir.path("data", f"{ctx.stage}-teacher_samples.jsonl")
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [Example(r["uid"], r["prompt_ids"], r["response_ids"]) for r in rows]
+    rollouts = make_rollouts(cfg, ctx.teacher_path)
+    out: list[Example] = []
+    try:
+        for n in range(sc.samples_per_prompt):
+            batch_size = cfg.rollout.batch_size * len(rollouts)
+            for start in range(0, len(ctx.train), batch_size):
+                chunk = ctx.train[start : start + batch_size]
+                rollout = sample_rollouts(ctx, rollouts, chunk, seed=cfg.run.seed * 7919 + n)
+                for i, ex in enumerate(chunk):
+                    resp = rollout.batch.input_ids[i][rollout.batch.loss_mask[i].bool()]
+                    if len(resp):
+                        out.append(Example(f"{ex.uid}#t{n}", ex.prompt_ids, resp.tolist()))
+            print(
+                f"[{ctx.stage}] teacher sample {n + 1}/{sc.samples_per_prompt} written", flush=True
+            )
+    finally:
+        rollouts.shutdown()
+    lines = [
+        json.dumps({"uid": e.uid, "prompt_ids": e.prompt_ids, "response_ids": e.response_ids})
+        for e in out
+    ]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return out
+
+
+def run(ctx: StageContext) -> dict:
+    sc = ctx.cfg.seqkd
+    t0 = time.time()
+    samples = teacher_samples(ctx)
+    ctx.rundir.log(ctx.stage, 0, {"teacher_samples": len(samples)})
+    summary = train_cross_entropy(ctx, samples, sc.steps, sc.lr, t0)
+    return {**summary, "teacher_samples": len(samples)}

@@ -1,0 +1,57 @@
+"""Supervised fine-tuning on dataset responses (teacher SFT, or the student-only baseline).
+
+Per response token: ``L = -log q(y_t | y_<t)``, averaged over the response tokens of the
+micro-batch.
+"""
+
+from __future__ import annotations
+
+import time
+
+from raykd.algorithms.common import (
+    StageContext,
+    dataset_batch,
+    example_stream,
+    finish,
+    global_batch_size,
+    make_learners,
+    maybe_checkpoint,
+    mean_metrics,
+    resume,
+    to_micro_batches,
+)
+from raykd.batch import Example, token_logprobs
+
+
+def sft_loss(model, mb):
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    lp = token_logprobs(logits, mb["input_ids"])
+    mask = mb["loss_mask"]
+    ce = -(lp * mask).sum() / mask.sum().clamp_min(1.0)
+    return ce, {"ce": ce.item()}
+
+
+def train_cross_entropy(
+    ctx: StageContext, examples: list[Example], steps: int, lr: float | None, t0: float
+) -> dict:
+    """Fine-tune the stage's student on ``examples`` by cross-entropy for ``steps`` steps."""
+    cfg = ctx.cfg
+    learners = make_learners(ctx, ctx.student_in, lr)
+    start = resume(ctx, learners)
+    metrics: dict = {}
+    for step, batch in example_stream(examples, global_batch_size(cfg), cfg.run.seed, start):
+        if step >= steps:
+            break
+        shards = to_micro_batches(
+            dataset_batch(batch, ctx.pad_id), len(learners), cfg.learner.grad_accum
+        )
+        metrics = mean_metrics(
+            learners.call_per_rank("train_step", [(s, sft_loss) for s in shards])
+        )
+        ctx.log(step + 1, steps, metrics, t0)
+        maybe_checkpoint(ctx, learners, step + 1, steps)
+    return finish(ctx, learners, steps, t0, metrics)
+
+
+def run(ctx: StageContext) -> dict:
+    return train_cross_entropy(ctx, ctx.train, ctx.cfg.sft.steps, ctx.cfg.sft.lr, time.time())

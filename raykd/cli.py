@@ -1,0 +1,66 @@
+"""``raykd`` command line.
+
+raykd run CONFIG.yaml [MORE.yaml ...] [key=value ...]   run (or resume) a pipeline
+raykd quickstart [key=value ...]                          the offline quickstart
+raykd show-config CONFIG.yaml [key=value ...]             print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from raykd.config import ConfigError, load_config
+
+REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _find_conf(name: str) -> Path:
+    for base in (Path.cwd() / "conf", REPO_CONF):
+        if (base / name).is_file():
+            return base / name
+    raise ConfigError(f"cannot find conf/{name} (looked in ./conf and {REPO_CONF})")
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str]]:
+    files = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    return files, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raykd", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run or resume a pipeline from YAML configs")
+    p_run.add_argument("args", nargs="+", help="config files and key=value overrides")
+    p_q = sub.add_parser("quickstart", help="offline quickstart on SmolLM2-135M (CPU)")
+    p_q.add_argument("args", nargs="*", help="key=value overrides")
+    p_s = sub.add_parser("show-config", help="print the resolved config")
+    p_s.add_argument("args", nargs="+")
+    ns = parser.parse_args(argv)
+
+    try:
+        if ns.command == "quickstart":
+            files, overrides = [_find_conf("quickstart.yaml")], ns.args
+        else:
+            files, overrides = _split(ns.args)
+            if not files:
+                raise ConfigError("no config file given")
+        cfg = load_config(files, overrides)
+    except ConfigError as err:
+        print(f"raykd: config error: {err}", file=sys.stderr)
+        return 2
+    if ns.command == "show-config":
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    from raykd.pipeline.run import run_pipeline
+
+    run_pipeline(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The run configuration: OmegaConf structured configs (dataclasses).
+
+One YAML file (plus dotlist overrides) fills a :class:`RunConfig`. Every field has a type and
+a default, so an unknown key or a wrong type fails at load time (see ``raykd.config.load``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: start an embedded local node; "auto": join a cluster
+    num_cpus: Optional[int] = None  # embedded node only
+    num_gpus: Optional[int] = None
+
+
+@dataclass
+class RunSection:
+    name: str = "raykd"
+    output_dir: str = "runs"
+    seed: int = 0
+    # A run directory that exists is resumed (stages already done are skipped, a training stage
+    # restarts from its last checkpoint).
+    resume: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    # A hub name, a local HF directory, or a built-in offline name (smollm2-135m-instruct).
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    backend: str = "hf"  # hf | vllm (rollout-style teacher sampling)
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    top_k: int = 64  # top-k log-probs per position shipped to the learner (forward-KL targets)
+    batch_size: int = 8
+    cache_dir: Optional[str] = None  # teacher-target cache; default: ~/.cache/raykd/targets
+
+
+@dataclass
+class StudentConfig:
+    # from_teacher: keep a subset of the teacher's layers; pretrained: load `model`;
+    # config: build from `model_config` (random init).
+    init: str = "from_teacher"
+    model: Optional[str] = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+    rule: str = "every_other"  # every_other | first_last | angular | explicit
+    keep: Optional[int] = None  # number of layers to keep (every_other/first_last/angular)
+    layers: Optional[list[int]] = None  # explicit layer indices
+    calibration_prompts: int = 16
+    # Which parameters learn: all | layers (freeze embeddings, final norm and lm_head)
+    trainable: str = "all"
+
+
+@dataclass
+class DataConfig:
+    task: str = "stdlib_code"  # stdlib_code | dolly
+    path: Optional[str] = None
+    max_length: int = 256
+    num_train: Optional[int] = None
+    num_eval: Optional[int] = 32
+    eval_fraction: float = 0.2
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    cpus_per_rank: float = 0.5
+    gpus_per_rank: float = 0.0
+    zero_stage: int = 2
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 0
+    micro_batch_size: int = 4  # per rank
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    loss_chunk_size: int = 128  # positions per chunk in the full-vocabulary losses
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # hf | vllm
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class WordKDConfig:
+    """Off-policy word-level KD on dataset responses (Hinton)."""
+
+    steps: int = 40
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha on cross-entropy
+    temperature: float = 1.0
+    divergence: str = "forward_kl"  # any name in raykd.losses
+    divergence_kwargs: dict[str, Any] = field(default_factory=dict)
+    lr: Optional[float] = None  # overrides learner.lr for this stage
+
+
+@dataclass
+class DenseKDConfig:
+    """Off-policy KD on dataset responses against full teacher logits, with the teacher(s)
+    colocated in the learner actor (no top-k cache): a divergence or TAID, several teachers
+    ensembled, optional hidden-state matching."""
+
+    steps: int = 40
+    objective: str = "divergence"  # divergence | taid
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha on cross-entropy
+    temperature: float = 1.0
+    divergence: str = "forward_kl"  # objective=divergence: any name in raykd.losses
+    divergence_kwargs: dict[str, Any] = field(default_factory=dict)
+    extra_teachers: list[str] = field(default_factory=list)  # model dirs ensembled with teacher
+    taid_t_start: float = 0.4  # objective=taid: t goes from t_start to t_end over `steps`
+    taid_t_end: float = 1.0
+    hidden_weight: float = 0.0  # weight of hidden-state matching (0 disables)
+    hidden_kind: str = "mse"  # mse | cosine
+    lr: Optional[float] = None
+
+
+@dataclass
+class OnPolicyConfig:
+    """On-policy reverse KL, MiniLLM-style policy gradient."""
+
+    steps: int = 4
+    prompts_per_step: int = 8
+    gamma: float = 1.0
+    length_normalize: bool = True
+    whiten: bool = False
+    clip_eps: float = 0.2
+    ppo_epochs: int = 1
+    # Weight of a cross-entropy term on dataset responses (MiniLLM's L_PT), 0 disables.
+    lm_coef: float = 0.5
+    lr: Optional[float] = None
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on dataset responses (teacher fine-tuning, or a student baseline)."""
+
+    steps: int = 40
+    lr: Optional[float] = None
+
+
+@dataclass
+class SeqKDConfig:
+    """Sequence-level KD / SCoTD: fine-tune on N teacher samples per training prompt
+    (sampling parameters come from the ``rollout`` section)."""
+
+    steps: int = 40
+    samples_per_prompt: int = 1
+    lr: Optional[float] = None
+
+
+@dataclass
+class GKDConfig:
+    """Generalized KD (Agarwal et al. 2024): JSD(beta) on a mix of student samples and
+    dataset responses; sampling parameters come from the ``rollout`` section."""
+
+    steps: int = 40
+    lmbda: float = 0.5  # probability that a step trains on the student's own samples
+    beta: float = 0.5  # generalized JSD: 0 = forward KL, 1 = reverse KL
+    temperature: float = 1.0  # of the teacher targets and the student in the divergence
+    lr: Optional[float] = None
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO with rule-based rewards (raykd.rewards) and an optional KL to the stage's start."""
+
+    steps: int = 20
+    prompts_per_step: int = 4
+    group_size: int = 4  # sampled responses per prompt
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # upper clip; None = epsilon
+    beta: float = 0.0  # weight of the KL penalty to the reference (the stage's start model)
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
+    scale_rewards: str = "group"  # group | batch | none
+    rewards: list[str] = field(default_factory=lambda: ["format"])  # names in REWARDS
+    reward_weights: Optional[list[float]] = None  # None = 1.0 each
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {length: {target: 64}}
+    lr: Optional[float] = None
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    max_new_tokens: int = 160
+    sample_seeds: list[int] = field(default_factory=list)  # seeded sampled decodes besides greedy
+    temperature: float = 0.7
+    num_report_samples: int = 3
+
+
+@dataclass
+class PipelineConfig:
+    # Training stages, in order; each names an algorithm in raykd.algorithms.ALGORITHMS.
+    train: list[str] = field(default_factory=lambda: ["word_kd", "reverse_kl"])
+    eval_teacher: bool = True
+    eval_student_before: bool = True
+    checkpoint_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    ray: RayConfig = field(default_factory=RayConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    word_kd: WordKDConfig = field(default_factory=WordKDConfig)
+    dense_kd: DenseKDConfig = field(default_factory=DenseKDConfig)
+    reverse_kl: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    seqkd: SeqKDConfig = field(default_factory=SeqKDConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

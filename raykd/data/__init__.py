@@ -1,0 +1,38 @@
+"""Tasks for distillation: text records, chat tokenisation and train/eval splits.
+
+Typical use::
+
+    from raykd.data import load_task
+
+    data = load_task("stdlib_code", tokenizer, max_length=256)
+    data.train, data.eval, data.kind, data.stats
+"""
+
+from raykd.data.dolly import DollyFormatError, dolly_prompt, load_dolly
+from raykd.data.formatting import encode_example, encode_records, end_of_turn_id, prompt_only
+from raykd.data.records import TaskData, TaskKind, TaskRecord
+from raykd.data.split import split_by_uid, stable_fraction
+from raykd.data.stdlib_code import STDLIB_MODULES, mine_stdlib_functions, split_by_module
+from raykd.data.tasks import TASKS, TaskSpec, load_task, register_task
+
+__all__ = [
+    "STDLIB_MODULES",
+    "TASKS",
+    "DollyFormatError",
+    "TaskData",
+    "TaskKind",
+    "TaskRecord",
+    "TaskSpec",
+    "dolly_prompt",
+    "encode_example",
+    "encode_records",
+    "end_of_turn_id",
+    "load_dolly",
+    "load_task",
+    "mine_stdlib_functions",
+    "prompt_only",
+    "register_task",
+    "split_by_module",
+    "split_by_uid",
+    "stable_fraction",
+]

@@ -1,0 +1,264 @@
+"""Run report: ``report.md`` (tables and samples), ``report.json`` and ``report.png``.
+
+``results`` schema (every field except ``models`` is optional; so is each model field)::
+
+    {
+      "task": "stdlib_code", "kind": "code" | "text",
+      "models": {
+        "teacher":        {"rouge_l": 41.2, "parse_rate": 88.0, "params": 134515008,
+                           "size_mb": 270.0,
+                           "samples": [{"prompt": ..., "prediction": ..., "reference": ...}]},
+        "student_before": {...}, "student_after": {...}, <any other model>: {...}
+      },
+      "stages": {"sft": {"steps": 200, "seconds": 61.0, "final_loss": 0.91}, ...},
+      "compression": {"bits": 4, "size_mb_before": 270.0, ...}
+    }
+
+``curves`` maps a training stage to its ``(step, loss)`` points.  Retention (share of the
+teacher's Rouge-L and parse rate a student keeps) is computed here for every model but
+the teacher.  All files are written atomically (temporary file, then ``os.replace``), so a
+crash never leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from raykd.evaluate.metrics import retention
+from raykd.pipeline.rundir import atomic_write
+
+TEACHER = "teacher"
+#: Models shown first, in this order; any other models follow in their given order.
+MODEL_ORDER: tuple[str, ...] = (TEACHER, "student_before", "student_after")
+
+
+def _num(value: Any) -> float:
+    """``value`` as a float, ``nan`` if missing or not numeric."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    number = _num(value)
+    return "—" if not math.isfinite(number) else f"{number:.{digits}f}"
+
+
+def _fmt_params(value: Any) -> str:
+    number = _num(value)
+    if not math.isfinite(number):
+        return "—"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(number) >= scale:
+            return f"{number / scale:.1f}{suffix}"
+    return f"{number:.0f}"
+
+
+def _fmt_any(value: Any) -> str:
+    if isinstance(value, float):
+        return _fmt(value, 3)
+    return html.escape(str(value)).replace("|", "\\|")
+
+
+def _cell(text: Any, limit: int = 400) -> str:
+    """Multi-line text as one Markdown table cell (HTML-escaped, indentation kept)."""
+    text = "" if text is None else str(text)
+    if len(text) > limit:
+        text = text[:limit] + " …"
+    lines = []
+    for line in html.escape(text).split("\n"):
+        stripped = line.lstrip(" ")
+        lines.append("&nbsp;" * (len(line) - len(stripped)) + stripped)
+    return "<br>".join(lines).replace("|", "&#124;") or "—"
+
+
+def _jsonable(value: Any) -> Any:
+    """Replace non-finite floats by ``None`` (JSON has no NaN) and tuples by lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _ordered_models(models: Mapping[str, Any]) -> list[str]:
+    first = [name for name in MODEL_ORDER if name in models]
+    return first + [name for name in models if name not in MODEL_ORDER]
+
+
+def summarize(results: Mapping[str, Any], curves: Mapping[str, Any] | None = None) -> dict:
+    """Normalise ``results`` (model order, size in MB, retention) and attach ``curves``."""
+    raw_models = results.get("models") or {}
+    teacher = raw_models.get(TEACHER) or {}
+    models: dict[str, dict] = {}
+    for name in _ordered_models(raw_models):
+        entry = dict(raw_models[name] or {})
+        if "size_mb" not in entry and "size_bytes" in entry:
+            entry["size_mb"] = _num(entry["size_bytes"]) / 1e6
+        entry.setdefault("samples", [])
+        if name != TEACHER:
+            entry["retention"] = retention(_num(entry.get("rouge_l")), _num(teacher.get("rouge_l")))
+            entry["retention_parse_rate"] = retention(
+                _num(entry.get("parse_rate")), _num(teacher.get("parse_rate"))
+            )
+        models[name] = entry
+    stages = {name: dict(info or {}) for name, info in (results.get("stages") or {}).items()}
+    points = {name: [[int(s), float(v)] for s, v in pts] for name, pts in (curves or {}).items()}
+    for name, pts in points.items():  # a stage known only from its curve still gets a row
+        stage = stages.setdefault(name, {})
+        if pts and stage.get("final_loss") is None:
+            stage["final_loss"] = pts[-1][1]
+    return {
+        **{k: v for k, v in results.items() if k not in ("models", "stages")},
+        "task": results.get("task", "unknown"),
+        "kind": results.get("kind", "text"),
+        "models": models,
+        "stages": stages,
+        "compression": dict(results.get("compression") or {}),
+        "curves": points,
+    }
+
+
+def render_markdown(summary: Mapping[str, Any], num_samples: int = 3) -> str:
+    """The Markdown report for a :func:`summarize` result."""
+    models: dict[str, dict] = summary["models"]
+    out = [f"# raykd report — {summary['task']} ({summary['kind']})", ""]
+    out += [
+        "| model | Rouge-L | parse rate | retention vs teacher | params | size MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    code = summary["kind"] == "code"
+    for name, m in models.items():
+        parse = _fmt(m.get("parse_rate")) if code or "parse_rate" in m else "—"
+        ret = "—" if name == TEACHER else _fmt(m.get("retention"))
+        out.append(
+            f"| {name} | {_fmt(m.get('rouge_l'))} | {parse} | {ret} "
+            f"| {_fmt_params(m.get('params'))} | {_fmt(m.get('size_mb'))} |"
+        )
+    if not models:
+        out.append("| (no models evaluated) | — | — | — | — | — |")
+    out += ["", "Rouge-L is F1 x 100; retention is 100 x student Rouge-L / teacher Rouge-L.", ""]
+
+    out += ["## Training stages", ""]
+    if summary["stages"]:
+        out += ["| stage | steps | seconds | final loss |", "|---|---:|---:|---:|"]
+        for name, st in summary["stages"].items():
+            steps = st.get("steps")
+            out.append(
+                f"| {name} | {steps if steps is not None else '—'} | {_fmt(st.get('seconds'))} "
+                f"| {_fmt(st.get('final_loss'), 4)} |"
+            )
+    else:
+        out.append("No training stages recorded.")
+    out.append("")
+
+    if summary["compression"]:
+        out += ["## Compression", "", "| key | value |", "|---|---|"]
+        out += [f"| {k} | {_fmt_any(v)} |" for k, v in summary["compression"].items()]
+        out.append("")
+
+    with_samples = [name for name, m in models.items() if m.get("samples")]
+    if with_samples and num_samples > 0:
+        out += ["## Sample generations", ""]
+        count = min(num_samples, max(len(models[n]["samples"]) for n in with_samples))
+        for i in range(count):
+            first = next(
+                models[n]["samples"][i] for n in with_samples if len(models[n]["samples"]) > i
+            )
+            out += [f"### Sample {i + 1}", "", "**Prompt:** " + _cell(first.get("prompt")), ""]
+            out.append("| reference | " + " | ".join(with_samples) + " |")
+            out.append("|---" * (len(with_samples) + 1) + "|")
+            preds = [
+                _cell(models[n]["samples"][i].get("prediction"))
+                if len(models[n]["samples"]) > i
+                else "—"
+                for n in with_samples
+            ]
+            out.append(f"| {_cell(first.get('reference'))} | " + " | ".join(preds) + " |")
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_png(summary: Mapping[str, Any]) -> bytes:
+    """PNG bytes: one loss-curve panel per training stage plus a bar panel of eval scores."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg regardless of env
+
+    curves = {name: pts for name, pts in summary["curves"].items() if pts}
+    panels = len(curves) + 1
+    ncols = min(3, panels)
+    nrows = math.ceil(panels / ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.4 * nrows), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, pts) in zip(axes, curves.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1.2)
+        ax.set(title=f"{name} loss", xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+
+    bar_ax = axes[len(curves)]
+    names = list(summary["models"])
+    metrics = [("rouge_l", "Rouge-L")]
+    if summary["kind"] == "code" or any("parse_rate" in m for m in summary["models"].values()):
+        metrics.append(("parse_rate", "parse rate"))
+    width = 0.8 / len(metrics)
+    for j, (key, label) in enumerate(metrics):
+        values = [_num(summary["models"][n].get(key)) for n in names]
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(names))]
+        bars = bar_ax.bar(xs, [v if math.isfinite(v) else 0.0 for v in values], width, label=label)
+        bar_ax.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=7)
+    bar_ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    bar_ax.set(title="eval scores", ylabel="score (0-100)", ylim=(0, 110))
+    bar_ax.legend(fontsize=8)
+    if not names:
+        bar_ax.text(0.5, 0.5, "no models evaluated", ha="center", va="center")
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_report(
+    run_dir: str | Path,
+    results: Mapping[str, Any],
+    curves: Mapping[str, list[tuple[int, float]]] | None = None,
+    *,
+    num_samples: int = 3,
+) -> Path:
+    """Write ``report.md``, ``report.json`` and ``report.png`` into ``run_dir``.
+
+    Args:
+        run_dir: Output directory (created if missing).
+        results: Evaluation results, schema in the module docstring.
+        curves: ``{stage: [(step, loss), ...]}`` for the loss panels.
+        num_samples: Sample generations shown per model in the Markdown report.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results, curves)
+    atomic_write(
+        run_dir / "report.json",
+        json.dumps(_jsonable(summary), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+    )
+    atomic_write(run_dir / "report.png", render_png(summary))
+    md_path = run_dir / "report.md"
+    atomic_write(md_path, render_markdown(summary, num_samples))
+    return md_path

@@ -1,0 +1,1 @@
+"""The pipeline of stages and the run directory they write into."""

@@ -1,0 +1,149 @@
+"""The run directory: one folder per run holding everything a stage writes.
+
+Layout::
+
+    runs/<name>/
+      config.yaml              fully resolved config (enough to reproduce the run)
+      metrics.jsonl            one JSON object per logged step, every stage
+      tb/                      TensorBoard events (same metrics)
+      stages/<stage>.json      written when a stage completes (resume skips it)
+      checkpoints/<stage>/     latest training checkpoint of a stage (atomic)
+      models/<name>/           final models (safetensors, transformers-loadable)
+      eval/<model>.json        evaluation results per model
+      report.md|json|png       the report
+
+Every file is written atomically (temp file + ``os.replace``), so a killed run never leaves
+a half-written file behind and resumes from what is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
+
+
+def replace_dir(tmp_dir: Path, target: Path) -> None:
+    """Move a fully written ``tmp_dir`` onto ``target``, replacing any previous version.
+
+    The old directory is renamed aside first, so at every instant either the old or the new
+    complete directory is at ``target`` (a crash between the renames leaves ``.old``, which
+    :func:`recover_dir` restores).
+    """
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp_dir, target)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> None:
+    old = target.with_name(target.name + ".old")
+    if not target.exists() and old.exists():
+        os.replace(old, target)
+
+
+def _jsonable(obj: Any):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunDir:
+    """Paths and writers of one run."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tb = None
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    # ---- stage bookkeeping (resume) -------------------------------------------------
+    def stage_done(self, stage: str) -> dict | None:
+        p = self.path("stages", f"{stage}.json")
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def mark_done(self, stage: str, summary: dict) -> None:
+        atomic_write_json(self.path("stages", f"{stage}.json"), summary)
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        return self.path("checkpoints", stage)
+
+    def model_dir(self, name: str) -> Path:
+        return self.path("models", name)
+
+    # ---- metrics ----------------------------------------------------------------------
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        record = {"stage": stage, "step": step, "time": time.time(), **metrics}
+        with open(self.path("metrics.jsonl"), "a") as fh:
+            fh.write(json.dumps(record, default=_jsonable) + "\n")
+        writer = self._writer()
+        if writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(f"{stage}/{key}", value, step)
+            writer.flush()
+
+    def read_metrics(self, stage: str | None = None) -> list[dict]:
+        p = self.path("metrics.jsonl")
+        if not p.exists():
+            return []
+        rows = []
+        for line in p.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: skip it
+                continue
+            if stage is None or row.get("stage") == stage:
+                rows.append(row)
+        return rows
+
+    def _writer(self):
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path("tb")))
+            except Exception:  # tensorboard is optional at runtime
+                self._tb = False
+        return self._tb or None
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()

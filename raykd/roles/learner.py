@@ -1,0 +1,240 @@
+"""Learner role: one DeepSpeed engine per actor, one data-parallel rank per actor.
+
+The controller builds a learner group of ``world_size`` actors, asks rank 0 for a rendezvous
+address, then calls :meth:`Learner.setup` on every rank at once (``init_distributed`` blocks
+until all ranks join). Each optimizer step is one :meth:`Learner.train_step` call carrying this
+rank's micro-batches (``grad_accum`` of them); the loss is a plain function of
+``(model, micro_batch, **kwargs)`` that the algorithm module defines and ships by reference,
+so an algorithm stays readable in one file while its loss runs here. Gradients are
+all-reduced by DeepSpeed (gloo on CPU, NCCL on GPU); ZeRO stage 0-3 comes from config.
+
+Colocated teachers (``cfg["teachers"]``, used by ``dense_kd``): frozen float32 models in this
+actor, outside DeepSpeed, handed to the loss as ``teachers=[...]`` so that full-vocabulary
+teacher logits never leave the process. With ``cfg["hidden_projection"]`` a
+:class:`~raykd.losses.HiddenProjector` (student width -> first teacher's width) is attached to
+the student as ``model.raykd_projector`` before DeepSpeed wraps it, so DeepSpeed trains and
+all-reduces it and saves it in checkpoints; :meth:`state_dict` (hence :meth:`export` and weight
+sync) drops its ``raykd_projector.*`` keys, so the exported model is the plain architecture.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raykd.pipeline.rundir import atomic_write_json, recover_dir, replace_dir
+
+
+def _set_threads(num_threads: int | None) -> None:
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+class Learner:
+    """A DeepSpeed data-parallel rank. Construct cheaply; :meth:`setup` joins the group."""
+
+    def __init__(self, rank: int, world_size: int, num_threads: int | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.num_threads = num_threads
+        if num_threads:  # Ray exports OMP_NUM_THREADS=1 to fractional-CPU actors
+            os.environ["OMP_NUM_THREADS"] = str(num_threads)
+        _set_threads(num_threads)
+        self.engine = None
+        self.step = 0
+        self.teachers: list | None = None  # colocated frozen teachers (setup cfg "teachers")
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's address and a free port for the process group."""
+        import ray
+
+        from raykd.roles.runtime import free_port
+
+        single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+        addr = "127.0.0.1" if single_node else ray.util.get_node_ip_address()
+        return addr, free_port()
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, cfg: dict) -> int:
+        """Join the process group, load the model, build the DeepSpeed engine.
+
+        ``cfg``: ``zero_stage, lr, weight_decay, betas, warmup_steps, micro_batch_size,
+        grad_accum, grad_clip, gradient_checkpointing, trainable ('all'|'layers'), seed``;
+        optional ``teachers`` (model dirs to colocate) and ``hidden_projection`` (bool).
+        Returns the number of trainable parameters.
+        """
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            LOCAL_RANK="0",
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_WORLD_SIZE="1",
+        )
+        on_gpu = torch.cuda.is_available()
+        deepspeed.init_distributed(
+            dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, verbose=False
+        )
+        torch.manual_seed(cfg.get("seed", 0))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model.config.use_cache = False
+        if cfg.get("gradient_checkpointing"):
+            model.gradient_checkpointing_enable()
+        if cfg.get("trainable", "all") == "layers":
+            for name, p in model.named_parameters():
+                p.requires_grad_(".layers." in name)
+        if cfg.get("teachers"):
+            self._load_teachers(cfg["teachers"], on_gpu)
+            if cfg.get("hidden_projection"):
+                from raykd.losses import HiddenProjector
+
+                d_teacher = self.teachers[0].config.hidden_size
+                model.raykd_projector = HiddenProjector(model.config.hidden_size, d_teacher)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+        )
+        warmup = max(0, int(cfg.get("warmup_steps", 0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg["micro_batch_size"],
+            "gradient_accumulation_steps": cfg["grad_accum"],
+            "gradient_clipping": cfg["grad_clip"],
+            "zero_optimization": {"stage": cfg["zero_stage"]},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": bool(on_gpu and cfg.get("bf16", True))},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.grad_accum = cfg["grad_accum"]
+        _set_threads(self.num_threads)  # DeepSpeed's CPU accelerator resets the thread count
+        return sum(p.numel() for p in params)
+
+    def _load_teachers(self, paths: list[str], on_gpu: bool) -> None:
+        from transformers import AutoModelForCausalLM
+
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
+        self.teachers = []
+        for path in paths:
+            teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            teacher.config.use_cache = False
+            teacher.eval().requires_grad_(False)
+            self.teachers.append(teacher.to(device))
+
+    # ---- training ---------------------------------------------------------------------
+    def train_step(
+        self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable, **loss_kwargs
+    ) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns mean metrics.
+
+        ``loss_fn(model, micro_batch, **loss_kwargs) -> (loss, metrics)``.
+        """
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(
+                f"rank {self.rank}: got {len(micro_batches)} micro-batches, "
+                f"grad_accum is {self.grad_accum}"
+            )
+        self.engine.train()
+        if self.teachers:
+            loss_kwargs = {**loss_kwargs, "teachers": self.teachers}
+        totals: dict[str, float] = {}
+        for mb in micro_batches:
+            loss, metrics = loss_fn(self.engine, mb, **loss_kwargs)
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
+        self.step += 1
+        totals["lr"] = self.engine.get_lr()[0]
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            totals["grad_norm"] = float(gn)
+        return totals
+
+    @torch.no_grad()
+    def forward_logprobs(self, micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Aligned log-prob of each given token under the current weights, ``[B, T]``."""
+        from raykd.batch import token_logprobs
+
+        self.engine.eval()
+        out = self.engine(
+            input_ids=micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"]
+        )
+        return token_logprobs(out.logits, micro_batch["input_ids"]).float()
+
+    # ---- weights ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (gathered under ZeRO-3; every rank must call); None elsewhere."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.rank != 0:
+                return None
+            return {
+                k: v.detach().clone()
+                for k, v in module.state_dict().items()
+                if not k.startswith("raykd_projector.")  # training-only head, not exported
+            }
+
+    def weight_digest(self) -> float:
+        """A fingerprint of this rank's full weights (sum of |w| in float64) to compare ranks.
+
+        Under ZeRO-3 every rank gathers the full parameters first (collective)."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return float(sum(p.detach().double().abs().sum() for p in params))
+
+    def export(self, path: str, tokenizer_path: str) -> str | None:
+        """Save the full model (safetensors, transformers-loadable) atomically, rank 0 only."""
+        from transformers import AutoTokenizer
+
+        sd = self.state_dict()
+        if self.rank != 0:
+            return None
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        module = self.engine.module
+        if getattr(module.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)  # tied to the embeddings: store it once
+        module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(tmp)
+        replace_dir(tmp, target)
+        return str(target)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, ckpt_dir: str, client_state: dict[str, Any]) -> None:
+        """Collective: every rank writes its shard into ``<dir>.tmp``; rank 0 swaps it in."""
+        import torch.distributed as dist
+
+        target = Path(ckpt_dir)
+        tmp = target.with_name(target.name + ".tmp")
+        self.engine.save_checkpoint(str(tmp), tag="step", client_state=client_state)
+        dist.barrier()
+        if self.rank == 0:
+            atomic_write_json(tmp / "raykd_state.json", client_state)
+            replace_dir(tmp, target)
+        dist.barrier()
+
+    def load_checkpoint(self, ckpt_dir: str) -> dict[str, Any] | None:
+        target = Path(ckpt_dir)
+        recover_dir(target)
+        if not (target / "raykd_state.json").exists():
+            return None
+        _, client_state = self.engine.load_checkpoint(str(target), tag="step")
+        self.step = int(client_state.get("step", 0))
+        return client_state

@@ -1,0 +1,115 @@
+"""Rollout role: sample (or greedily decode) continuations of prompts with the student.
+
+Backends: ``hf`` (transformers ``generate``; CPU and GPU). The weights are refreshed from the
+learner through :meth:`RolloutWorker.update_weights` (object store, zero-copy tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raykd.batch import Rollout, pad_sequences
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+class RolloutWorker:
+    """Holds a copy of the policy being trained (or any model to decode from)."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", num_threads: int | None = None):
+        from raykd.models import load_model, load_tokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_model(model_path, dtype=dtype).to(self.device).eval()
+        self.stop_ids = _stop_ids(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.stop_ids[0]
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> int:
+        """Load new policy weights (tensors arrive read-only; load_state_dict copies)."""
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"weight sync mismatch: missing={missing} unexpected={unexpected}")
+        return len(state_dict)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        greedy: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        uids: list[str] | None = None,
+    ) -> Rollout:
+        """Continue each prompt; returns prompt+response sequences (right-padded), a loss mask
+        on the response tokens (up to and including the stop token) and ``log q(y_t)`` of each
+        response token under the current weights at temperature 1."""
+        torch.manual_seed(seed)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left-pad for batched decoding
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        kwargs = dict(do_sample=False)
+        if not greedy:
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+        gen = out.sequences[:, width:].cpu()
+        gen_lp = (
+            torch.stack(  # log q(y_j) per step, gathered so no [B, N, V] copy is kept
+                [
+                    torch.log_softmax(lg.float(), -1).gather(-1, gen[:, j : j + 1].to(lg.device))
+                    for j, lg in enumerate(out.logits)
+                ],
+                dim=1,
+            )
+            .squeeze(-1)
+            .cpu()
+        )
+        seqs, masks, lps, texts = [], [], [], []
+        for i, p in enumerate(prompts):
+            resp = gen[i].tolist()
+            n = len(resp)
+            for j, t in enumerate(resp):
+                if t in self.stop_ids:
+                    n = j + 1
+                    break
+            resp = resp[:n]
+            seqs.append(list(p) + resp)
+            masks.append([0.0] * len(p) + [1.0] * n)
+            lps.append([0.0] * len(p) + gen_lp[i, :n].tolist())
+            texts.append(self.tokenizer.decode(resp, skip_special_tokens=True))
+        batch = pad_sequences(seqs, masks, self.pad_id, uids)
+        logprobs = torch.zeros_like(batch.loss_mask)
+        for i, row in enumerate(lps):
+            logprobs[i, : len(row)] = torch.tensor(row)
+        return Rollout(batch, logprobs * batch.loss_mask, [len(p) for p in prompts], texts)
+
+    def generate_texts(self, prompts: list[list[int]], **kwargs) -> list[str]:
+        """Decode and return only the response texts (evaluation)."""
+        return self.generate(prompts, **kwargs).response_texts
