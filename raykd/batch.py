@@ -75,6 +75,8 @@ class Rollout:
     logprobs: torch.Tensor  # [B, T] log q_old(y_t) at temperature 1 (0 off the mask)
     prompt_lengths: list[int] = field(default_factory=list)
     response_texts: list[str] = field(default_factory=list)
+    # [B, T] log p_T(y_t), when the sampler ran the teacher too (teacher-mixed sampling)
+    teacher_logprobs: torch.Tensor | None = None
 
 
 def token_logprobs(

@@ -107,7 +107,8 @@ def make_scorers(
     )
 
 
-def make_rollouts(cfg, model_path: str) -> RoleGroup:
+def make_rollouts(cfg, model_path: str, mix_teacher: str | None = None) -> RoleGroup:
+    """Rollout workers holding ``model_path`` (and the teacher, for teacher-mixed sampling)."""
     rc = cfg.rollout
     if rc.backend != "hf":
         raise ValueError(f"rollout.backend={rc.backend!r} is not available in this build")
@@ -116,7 +117,10 @@ def make_rollouts(cfg, model_path: str) -> RoleGroup:
         rc.num_workers,
         num_cpus=rc.cpus_per_worker,
         num_gpus=rc.gpus_per_worker,
-        make_args=lambda rank: ((model_path, "float32", _threads(rc.num_workers)), {}),
+        make_args=lambda rank: (
+            (model_path, "float32", _threads(rc.num_workers)),
+            {"mix_teacher": mix_teacher},
+        ),
         name="rollout",
     )
 
@@ -230,24 +234,35 @@ def finish(ctx: StageContext, learners: RoleGroup, steps: int, t0: float, last: 
 
 # ---- sampling and scoring helpers shared by the on-policy algorithms --------------------
 def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    seqs, masks, lps, texts, plens, uids = [], [], [], [], [], []
+    """One rollout from the workers' parts (re-padded to the longest sequence)."""
+    seqs, masks, lps, tlps, texts, plens, uids = [], [], [], [], [], [], []
     for r in parts:
         for i in range(len(r.batch)):
             n = int(r.batch.attention_mask[i].sum())
             seqs.append(r.batch.input_ids[i, :n].tolist())
             masks.append(r.batch.loss_mask[i, :n].tolist())
             lps.append(r.logprobs[i, :n])
+            if r.teacher_logprobs is not None:
+                tlps.append(r.teacher_logprobs[i, :n])
         texts += r.response_texts
         plens += r.prompt_lengths
         uids += r.batch.uids
     batch = pad_sequences(seqs, masks, pad_id, uids)
-    logprobs = torch.zeros_like(batch.loss_mask)
-    for i, row in enumerate(lps):
-        logprobs[i, : len(row)] = row
-    return Rollout(batch, logprobs, plens, texts)
+
+    def stack(rows):
+        out = torch.zeros_like(batch.loss_mask)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
+    has_teacher = all(r.teacher_logprobs is not None for r in parts)
+    return Rollout(batch, stack(lps), plens, texts, stack(tlps) if has_teacher else None)
 
 
-def sample_rollouts(ctx: StageContext, rollouts, examples, seed: int) -> Rollout:
+def sample_rollouts(
+    ctx: StageContext, rollouts, examples, seed: int, mix_alpha: float = 0.0
+) -> Rollout:
+    """Sample one response per example, prompts sharded over the rollout workers."""
     rc = ctx.cfg.rollout
     prompts = [ex.prompt_ids for ex in examples]
     uids = [ex.uid for ex in examples]
@@ -259,6 +274,7 @@ def sample_rollouts(ctx: StageContext, rollouts, examples, seed: int) -> Rollout
             temperature=rc.temperature,
             top_p=rc.top_p,
             seed=seed + rank,
+            mix_alpha=mix_alpha,
         )
         for rank, (actor, p, u) in enumerate(
             zip(rollouts.actors, shard(prompts, len(rollouts)), shard(uids, len(rollouts)))

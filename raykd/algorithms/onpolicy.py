@@ -1,17 +1,25 @@
-"""On-policy distillation by reverse KL: MiniLLM-style policy gradient.
+"""On-policy distillation by reverse KL: MiniLLM policy gradient (Gu et al., ICLR 2024).
 
-Minimise ``KL(q_S || p_T)`` over the student's own samples. With ``y ~ q_old`` (the student
-at sampling time), per response token::
+Minimise ``KL(q_S || p_T)`` over sampled responses. With ``y`` drawn from the sampler
+(the student ``q_old``, or with teacher-mixed sampling ``p~ = a p_T + (1 - a) q_old``), per
+response token::
 
-    r_t  = log p_T(y_t | y_<t) - log q_old(y_t | y_<t)          (reward, from the teacher role)
+    r_t  = log p_T(y_t | y_<t) - log q_old(y_t | y_<t)          (reward)
     R_t  = sum_{s>=t} gamma^{s-t} r_s   [/ (T - t) with length normalisation]
+    A_t  = R_t, or R_{t+1} when the single-step term covers step t     [optionally whitened]
+    w_t  = q_old(y_t) / p~(y_t)   (1 without mixing; clipped at max_importance_weight)
     rho  = q_theta(y_t) / q_old(y_t)
-    L_PG = -mean_t min(rho * R_t, clip(rho, 1-eps, 1+eps) * R_t)    (R_t detached)
-    L    = L_PG + lm_coef * CE(dataset responses)                   (MiniLLM's L_PT term)
+    L_PG = mean_t w_t * -min(rho * A_t, clip(rho, 1-eps, 1+eps) * A_t)      (A_t, w_t detached)
+    L_SS = mean_t w_t * KL(q_theta(.|y_<t) || p_T(.|y_<t))   (full vocabulary, exact gradient)
+    L    = L_PG + single_step_coef * L_SS + lm_coef * CE(dataset responses)   (MiniLLM's L_PT)
 
-Loop per step: rollout workers sample -> learners recompute ``log q_old`` (so the ratio is
-exactly 1 on the first PPO epoch) -> teacher scorers give ``log p_T`` -> returns ->
-``ppo_epochs`` clipped updates -> weights synced back to the rollout workers.
+Where each piece is computed: the rollout workers sample (and, when mixing, run the teacher
+alongside, returning ``log p_T(y_t)`` too); otherwise teacher scorers give ``log p_T(y_t)``;
+the learners recompute ``log q_old`` (so the ratio is exactly 1 on the first PPO epoch) and,
+for ``L_SS``, hold a colocated teacher so full-vocabulary logits never leave the actor. Rewards,
+returns, advantages and weights are small ``[B, T]`` tensors built here on the controller.
+
+Loop per step: sample -> score -> advantages -> ``ppo_epochs`` updates -> sync weights.
 """
 
 from __future__ import annotations
@@ -39,29 +47,54 @@ from raykd.algorithms.common import (
     to_micro_batches,
 )
 from raykd.batch import token_logprobs
-from raykd.losses import clipped_policy_loss, discounted_returns, minillm_rewards, whiten
+from raykd.losses import (
+    clipped_policy_loss,
+    discounted_returns,
+    masked_mean,
+    minillm_advantages,
+    minillm_rewards,
+    single_step_reverse_kl,
+    teacher_mixed_importance_weights,
+)
 
 
-def reverse_kl_pg_loss(model, mb, *, clip_eps, lm_coef):
-    """Learner-side loss of one micro-batch: clipped policy gradient (+ optional LM term)."""
+def reverse_kl_pg_loss(
+    model, mb, *, clip_eps, lm_coef, single_step_coef=0.0, chunk_size=None, teachers=None
+):
+    """Learner-side loss of one micro-batch: ``L_PG (+ c_ss L_SS) (+ c_lm CE)``.
+
+    ``mb["weights"]`` (optional) are the per-token importance weights ``w_t``; ``teachers``
+    are the actor's colocated teachers (the first one serves ``L_SS``)."""
     logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
     lp = token_logprobs(logits, mb["input_ids"])
+    mask = mb["loss_mask"][:, 1:]
+    weights = mb["weights"][:, 1:] if "weights" in mb else None
     pg, metrics = clipped_policy_loss(
         lp[:, 1:],
         mb["old_logprobs"][:, 1:],
         mb["advantages"][:, 1:],
-        mb["loss_mask"][:, 1:],
+        mask,
         clip_eps=clip_eps,
+        importance_weights=weights,
     )
     loss = pg
     metrics = {"pg": pg.item(), **metrics}
+    if single_step_coef > 0:
+        with torch.no_grad():
+            teacher_logits = teachers[0](
+                input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]
+            ).logits
+        single = single_step_reverse_kl(
+            logits[:, :-1], teacher_logits[:, :-1], mask, weights=weights, chunk_size=chunk_size
+        )
+        loss = loss + single_step_coef * single
+        metrics["single_step"] = single.item()
     if lm_coef > 0 and "lm_input_ids" in mb:
         lm_logits = model(
             input_ids=mb["lm_input_ids"], attention_mask=mb["lm_attention_mask"]
         ).logits
         lm_lp = token_logprobs(lm_logits, mb["lm_input_ids"])
-        lm_mask = mb["lm_loss_mask"]
-        lm = -(lm_lp * lm_mask).sum() / lm_mask.sum().clamp_min(1.0)
+        lm = masked_mean(-lm_lp, mb["lm_loss_mask"])
         loss = loss + lm_coef * lm
         metrics["lm"] = lm.item()
     return loss, metrics
@@ -70,38 +103,53 @@ def reverse_kl_pg_loss(model, mb, *, clip_eps, lm_coef):
 def run(ctx: StageContext) -> dict:
     cfg, oc = ctx.cfg, ctx.cfg.reverse_kl
     t0 = time.time()
-    learners = make_learners(ctx, ctx.student_in, oc.lr)
+    mixing, single_step = oc.mix_alpha > 0, oc.single_step_coef > 0
+    extra = {"teachers": [ctx.teacher_path]} if single_step else None
+    learners = make_learners(ctx, ctx.student_in, oc.lr, extra=extra)
     start = resume(ctx, learners)
-    rollouts = make_rollouts(cfg, ctx.student_in)
+    rollouts = make_rollouts(cfg, ctx.student_in, mix_teacher=ctx.teacher_path if mixing else None)
     if start:
         sync_weights(learners, rollouts)
-    scorers = make_scorers(ctx)
+    scorers = None if mixing else make_scorers(ctx)  # the mixing samplers score y themselves
     grad_accum, world = cfg.learner.grad_accum, len(learners)
     lm_stream = example_stream(ctx.train, oc.prompts_per_step, cfg.run.seed + 1, start)
+    loss_kwargs = dict(
+        clip_eps=oc.clip_eps,
+        lm_coef=oc.lm_coef,
+        single_step_coef=oc.single_step_coef,
+        chunk_size=cfg.learner.loss_chunk_size,
+    )
 
     metrics: dict = {}
     for step, examples in example_stream(ctx.train, oc.prompts_per_step, cfg.run.seed, start):
         if step >= oc.steps:
             break
-        # 1. Sample from the current student.
-        rollout = sample_rollouts(ctx, rollouts, examples, seed=cfg.run.seed * 1000 + step)
+        # 1. Sample from the current student (or from its mixture with the teacher).
+        seed = cfg.run.seed * 1000 + step
+        rollout = sample_rollouts(ctx, rollouts, examples, seed=seed, mix_alpha=oc.mix_alpha)
         batch, mask = rollout.batch, rollout.batch.loss_mask
-        # 2. Score: old policy log-probs (learner) and teacher log-probs (teacher role).
+        # 2. Score: old policy log-probs (learner) and teacher log-probs (sampler or scorer).
         old_lp = learner_logprobs(learners, batch)
-        teacher_lp = torch.cat(
-            scorers.call_per_rank(
-                "token_logprobs", [(b,) for b in split_batch(batch, len(scorers))]
-            )
-        )
-        # 3. Rewards and returns (controller side: small [B, T] tensors).
+        if mixing:
+            teacher_lp = rollout.teacher_logprobs
+        else:
+            shards = [(b,) for b in split_batch(batch, len(scorers))]
+            teacher_lp = torch.cat(scorers.call_per_rank("token_logprobs", shards))
+        # 3. Rewards, returns, advantages, importance weights (controller side: [B, T]).
         rewards = minillm_rewards(teacher_lp, old_lp, mask)
-        adv = discounted_returns(
+        returns = discounted_returns(
             rewards, mask, gamma=oc.gamma, length_normalize=oc.length_normalize
         )
-        if oc.whiten:
-            adv = whiten(adv, mask)
-        # 4. Clipped policy-gradient updates (+ LM term on dataset responses).
+        adv = minillm_advantages(
+            returns, mask, future_only=single_step, whiten_advantages=oc.whiten
+        )
         tensors = {**batch_tensors(batch), "old_logprobs": old_lp, "advantages": adv}
+        if mixing:
+            weights = teacher_mixed_importance_weights(
+                old_lp, teacher_lp, oc.mix_alpha, max_weight=oc.max_importance_weight
+            )
+            tensors["weights"] = weights * mask
+        # 4. Clipped policy-gradient updates (+ single-step term, + LM term on the dataset).
         _, lm_examples = next(lm_stream)
         lm = dataset_batch(lm_examples, ctx.pad_id)
         tensors.update({f"lm_{k}": v for k, v in lm.items()})
@@ -109,10 +157,7 @@ def run(ctx: StageContext) -> dict:
             shards = to_micro_batches(tensors, world, grad_accum)
             metrics = mean_metrics(
                 learners.call_per_rank(
-                    "train_step",
-                    [(s, reverse_kl_pg_loss) for s in shards],
-                    clip_eps=oc.clip_eps,
-                    lm_coef=oc.lm_coef,
+                    "train_step", [(s, reverse_kl_pg_loss) for s in shards], **loss_kwargs
                 )
             )
         # 5. Push the new weights to the samplers.
@@ -120,13 +165,17 @@ def run(ctx: StageContext) -> dict:
         n_tok = mask.sum().clamp_min(1.0)
         metrics.update(
             reward=float((rewards * mask).sum() / n_tok),
+            # sum_t (log q - log p_T) per sequence: the reverse KL estimate (student samples)
             reverse_kl=float(-(rewards * mask).sum() / mask.shape[0]),
             response_tokens=float(n_tok / mask.shape[0]),
             sampler_mismatch=float(((rollout.logprobs - old_lp).abs() * mask).sum() / n_tok),
         )
+        if mixing:
+            metrics["importance_weight"] = float(masked_mean(tensors["weights"], mask))
         ctx.log(step + 1, oc.steps, metrics, t0)
         maybe_checkpoint(ctx, learners, step + 1, oc.steps)
 
     rollouts.shutdown()
-    scorers.shutdown()
+    if scorers is not None:
+        scorers.shutdown()
     return finish(ctx, learners, oc.steps, t0, metrics)

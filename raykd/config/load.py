@@ -124,6 +124,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"student.rule={cfg.student.rule} needs 'student.keep'")
     if cfg.student.init == "pretrained" and not cfg.student.model:
         raise ConfigError("student.init=pretrained needs 'student.model'")
+    rk = cfg.reverse_kl
+    if not 0.0 <= rk.mix_alpha < 1.0:
+        raise ConfigError(f"config key 'reverse_kl.mix_alpha' = {rk.mix_alpha}; must be in [0, 1)")
+    if rk.mix_alpha > 0 and (cfg.rollout.temperature != 1.0 or cfg.rollout.top_p != 1.0):
+        raise ConfigError(
+            "config key 'reverse_kl.mix_alpha' > 0 samples the teacher-student mixture at "
+            "temperature 1: set 'rollout.temperature' = 1.0 and 'rollout.top_p' = 1.0"
+        )
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

@@ -141,6 +141,13 @@ class OnPolicyConfig:
     ppo_epochs: int = 1
     # Weight of a cross-entropy term on dataset responses (MiniLLM's L_PT), 0 disables.
     lm_coef: float = 0.5
+    # Teacher-mixed sampling: responses drawn from mix_alpha * p_T + (1 - mix_alpha) * q_S
+    # (MiniLLM uses 0.2; the rollout workers then hold the teacher too). 0 = the student alone.
+    mix_alpha: float = 0.0
+    max_importance_weight: Optional[float] = None  # clip w_t = q_S/p~ (w_t <= 1/(1-mix_alpha))
+    # Single-step full-vocabulary reverse KL at each sampled position (MiniLLM uses 1.0; the
+    # teacher is then colocated in the learners). 0 disables.
+    single_step_coef: float = 0.0
     lr: Optional[float] = None
 
 

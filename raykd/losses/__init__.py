@@ -32,6 +32,8 @@ from .multi_teacher import ensemble_teacher_logprobs
 from .policy_gradient import (
     clipped_policy_loss,
     discounted_returns,
+    log_mixture,
+    minillm_advantages,
     minillm_loss,
     minillm_rewards,
     single_step_reverse_kl,
@@ -83,6 +85,8 @@ __all__ = [
     "kl_penalty",
     "masked_mean",
     "masked_sum",
+    "log_mixture",
+    "minillm_advantages",
     "minillm_loss",
     "minillm_rewards",
     "objective_params",

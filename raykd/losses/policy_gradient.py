@@ -78,6 +78,25 @@ def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-
     return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def minillm_advantages(
+    returns: Tensor, mask: Tensor, *, future_only: bool = False, whiten_advantages: bool = False
+) -> Tensor:
+    """MiniLLM's long-term advantage from :func:`discounted_returns` ``R_t``.
+
+    ``A_t = R_t``; with ``future_only`` (when the single-step term already covers step ``t``
+    exactly) ``A_t = R_{t+1}``, the return of the tokens after ``t`` (0 at a response's last
+    token). Optionally whitened (:func:`whiten`). 0 off the mask; detached.
+    """
+    adv = returns.detach()
+    if future_only:
+        shifted = torch.zeros_like(adv)
+        shifted[..., :-1] = adv[..., 1:]
+        adv = shifted * mask.to(adv.dtype)
+    if whiten_advantages:
+        adv = whiten(adv, mask)
+    return adv
+
+
 def clipped_surrogate(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -146,6 +165,22 @@ def clipped_policy_loss(
     return loss, metrics
 
 
+def log_mixture(teacher_logprobs: Tensor, student_logprobs: Tensor, mix_alpha: float) -> Tensor:
+    """``log p̃ = log(α p_T + (1−α) q_S)``, computed as
+    ``logaddexp(log α + log p_T, log(1−α) + log q_S)`` (exactly ``log q_S`` at ``α = 0`` and
+    ``log p_T`` at ``α = 1``). Works elementwise: on sampled-token log-probs or on whole
+    next-token distributions."""
+    if not 0.0 <= mix_alpha <= 1.0:
+        raise ValueError(f"mix_alpha must be in [0, 1], got {mix_alpha}")
+    if mix_alpha == 0.0:
+        return student_logprobs
+    if mix_alpha == 1.0:
+        return teacher_logprobs
+    return torch.logaddexp(
+        teacher_logprobs + math.log(mix_alpha), student_logprobs + math.log1p(-mix_alpha)
+    )
+
+
 def teacher_mixed_importance_weights(
     student_logprobs: Tensor,
     teacher_logprobs: Tensor,
@@ -160,16 +195,8 @@ def teacher_mixed_importance_weights(
     ratio. Since ``p̃ ≥ (1−α) q``, ``0 ≤ w ≤ 1/(1−α)``; ``max_weight`` clips further.
     ``α = 0`` gives ``w = 1``. Detached.
     """
-    if not 0.0 <= mix_alpha <= 1.0:
-        raise ValueError(f"mix_alpha must be in [0, 1], got {mix_alpha}")
     log_q, log_p = student_logprobs.detach(), teacher_logprobs.detach()
-    if mix_alpha == 0.0:
-        return torch.ones_like(log_q)
-    if mix_alpha == 1.0:
-        log_mix = log_p
-    else:
-        log_mix = torch.logaddexp(log_p + math.log(mix_alpha), log_q + math.log1p(-mix_alpha))
-    w = torch.exp(log_q - log_mix)
+    w = torch.exp(log_q - log_mixture(log_p, log_q, mix_alpha))
     return w if max_weight is None else w.clamp(max=max_weight)
 
 
@@ -244,15 +271,9 @@ def minillm_loss(
     use_single_step = student_logits is not None and single_step_coef != 0.0
     rewards = minillm_rewards(teacher_logprobs, old_logprobs, mask)
     returns = discounted_returns(rewards, mask, gamma, length_normalize)
-    if use_single_step:
-        # A_t = R_{t+1}: shift the returns one step left; 0 past the end of the response.
-        advantages = torch.zeros_like(returns)
-        advantages[..., :-1] = returns[..., 1:]
-        advantages = advantages * mask.to(returns.dtype)
-    else:
-        advantages = returns
-    if whiten_advantages:
-        advantages = whiten(advantages, mask)
+    advantages = minillm_advantages(
+        returns, mask, future_only=use_single_step, whiten_advantages=whiten_advantages
+    )
 
     loss, metrics = clipped_policy_loss(
         logprobs,

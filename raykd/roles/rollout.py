@@ -2,6 +2,10 @@
 
 Backends: ``hf`` (transformers ``generate``; CPU and GPU). The weights are refreshed from the
 learner through :meth:`RolloutWorker.update_weights` (object store, zero-copy tensors).
+
+With ``mix_teacher`` the worker also holds the frozen teacher and can sample from MiniLLM's
+mixture ``α·p_T + (1−α)·q_S`` (:mod:`raykd.roles.mixture`); such rollouts carry the
+teacher's log-prob of every sampled token as well.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from raykd.batch import Rollout, pad_sequences
+from raykd.roles.mixture import sample_from_mixture
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -20,10 +25,24 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _pad_rows(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rows into a zero-padded ``[B, T]`` tensor, 0 off ``mask``."""
+    out = torch.zeros_like(mask)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out * mask
+
+
 class RolloutWorker:
     """Holds a copy of the policy being trained (or any model to decode from)."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", num_threads: int | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        num_threads: int | None = None,
+        mix_teacher: str | None = None,
+    ):
         from raykd.models import load_model, load_tokenizer
 
         if num_threads:
@@ -31,6 +50,9 @@ class RolloutWorker:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_model(model_path, dtype=dtype).to(self.device).eval()
+        self.teacher = None
+        if mix_teacher:
+            self.teacher = load_model(mix_teacher, dtype=dtype).to(self.device).eval()
         self.stop_ids = _stop_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -55,10 +77,14 @@ class RolloutWorker:
         top_p: float = 1.0,
         seed: int = 0,
         uids: list[str] | None = None,
+        mix_alpha: float = 0.0,
     ) -> Rollout:
         """Continue each prompt; returns prompt+response sequences (right-padded), a loss mask
         on the response tokens (up to and including the stop token) and ``log q(y_t)`` of each
-        response token under the current weights at temperature 1."""
+        response token under the current weights at temperature 1.
+
+        ``mix_alpha > 0`` samples each token from ``mix_alpha·p_T + (1−mix_alpha)·q`` at
+        temperature 1 (needs ``mix_teacher``); the rollout then has ``teacher_logprobs``."""
         torch.manual_seed(seed)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -66,32 +92,24 @@ class RolloutWorker:
         for i, p in enumerate(prompts):  # left-pad for batched decoding
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
-        kwargs = dict(do_sample=False)
-        if not greedy:
-            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=attn.to(self.device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
-        gen = out.sequences[:, width:].cpu()
-        gen_lp = (
-            torch.stack(  # log q(y_j) per step, gathered so no [B, N, V] copy is kept
-                [
-                    torch.log_softmax(lg.float(), -1).gather(-1, gen[:, j : j + 1].to(lg.device))
-                    for j, lg in enumerate(out.logits)
-                ],
-                dim=1,
-            )
-            .squeeze(-1)
-            .cpu()
-        )
-        seqs, masks, lps, texts = [], [], [], []
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        teacher_lp = None
+        if mix_alpha > 0:
+            if self.teacher is None:
+                raise ValueError("mix_alpha > 0 needs a RolloutWorker built with mix_teacher")
+            if greedy or temperature != 1.0 or top_p != 1.0:
+                raise ValueError(
+                    "teacher-mixed sampling draws from the mixture at temperature 1: "
+                    f"got greedy={greedy}, temperature={temperature}, top_p={top_p}"
+                )
+            gen, gen_lp, teacher_lp = sample_from_mixture(
+                self.model, self.teacher, ids, attn, alpha=mix_alpha,
+                max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
+            )  # fmt: skip
+            gen, gen_lp, teacher_lp = gen.cpu(), gen_lp.cpu(), teacher_lp.cpu()
+        else:
+            gen, gen_lp = self._generate(ids, attn, max_new_tokens, greedy, temperature, top_p)
+        seqs, masks, lps, tlps, texts = [], [], [], [], []
         for i, p in enumerate(prompts):
             resp = gen[i].tolist()
             n = len(resp)
@@ -103,12 +121,42 @@ class RolloutWorker:
             seqs.append(list(p) + resp)
             masks.append([0.0] * len(p) + [1.0] * n)
             lps.append([0.0] * len(p) + gen_lp[i, :n].tolist())
+            if teacher_lp is not None:
+                tlps.append([0.0] * len(p) + teacher_lp[i, :n].tolist())
             texts.append(self.tokenizer.decode(resp, skip_special_tokens=True))
         batch = pad_sequences(seqs, masks, self.pad_id, uids)
-        logprobs = torch.zeros_like(batch.loss_mask)
-        for i, row in enumerate(lps):
-            logprobs[i, : len(row)] = torch.tensor(row)
-        return Rollout(batch, logprobs * batch.loss_mask, [len(p) for p in prompts], texts)
+        return Rollout(
+            batch,
+            _pad_rows(lps, batch.loss_mask),
+            [len(p) for p in prompts],
+            texts,
+            teacher_logprobs=_pad_rows(tlps, batch.loss_mask) if tlps else None,
+        )
+
+    def _generate(self, ids, attn, max_new_tokens, greedy, temperature, top_p):
+        """``transformers.generate``: response tokens ``[B, N]`` and ``log q(y_j)`` of each."""
+        kwargs = dict(do_sample=False)
+        if not greedy:
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+        gen = out.sequences[:, ids.shape[1] :].cpu()
+        gen_lp = torch.stack(  # log q(y_j) per step, gathered so no [B, N, V] copy is kept
+            [
+                torch.log_softmax(lg.float(), -1).gather(-1, gen[:, j : j + 1].to(lg.device))
+                for j, lg in enumerate(out.logits)
+            ],
+            dim=1,
+        )
+        return gen, gen_lp.squeeze(-1).cpu()
 
     def generate_texts(self, prompts: list[list[int]], **kwargs) -> list[str]:
         """Decode and return only the response texts (evaluation)."""

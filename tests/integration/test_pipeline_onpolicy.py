@@ -42,3 +42,35 @@ def test_reverse_kl_reduces_kl_on_overfit_prompts(ray_node, tiny_teacher, tmp_pa
     # the sampler's log-probs equal the learner's (weights were synced each step)
     assert max(r["sampler_mismatch"] for r in rows) < 1e-3
     assert (run_dir / "models" / "final" / "model.safetensors").exists()
+
+
+def test_minillm_in_full_mixed_sampling_and_single_step(ray_node, tiny_teacher, tmp_path):
+    """Teacher-mixed sampling (rollout workers hold the teacher) + the single-step
+    full-vocabulary reverse KL (teacher colocated in the DeepSpeed learner) + LM term."""
+    cfg = tiny_config(
+        tmp_path,
+        tiny_teacher,
+        "pipeline.train=[reverse_kl]",
+        "pipeline.eval_teacher=false",
+        "reverse_kl.steps=6",
+        "reverse_kl.prompts_per_step=4",
+        "reverse_kl.mix_alpha=0.3",
+        "reverse_kl.single_step_coef=1.0",
+        "reverse_kl.lm_coef=0.1",
+        "learner.lr=1e-3",
+        "rollout.max_new_tokens=16",
+    )
+    run_dir = run_pipeline(cfg)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["stage"] == "1-reverse_kl"]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    # w_t = q/p~ with p~ >= (1 - a) q: inside (0, 1/(1 - a)], and not all 1 (mixing happened)
+    weights = [r["importance_weight"] for r in rows]
+    assert all(0.0 < w <= 1 / 0.7 + 1e-6 for w in weights), weights
+    assert any(abs(w - 1.0) > 1e-3 for w in weights), weights
+    # the mixture sampler's log q(y_t) equals the learner's (cached decoding is exact)
+    assert max(r["sampler_mismatch"] for r in rows) < 1e-3
+    # the exact full-vocabulary reverse KL at the sampled positions falls
+    single = [r["single_step"] for r in rows]
+    assert statistics.fmean(single[-2:]) < 0.7 * statistics.fmean(single[:2]), single
+    assert all(r["lm"] > 0 for r in rows)
