@@ -15,7 +15,8 @@ by the learners); ``pi_ref`` is the stage's starting student, frozen and held by
 (only when ``beta > 0``); ``k`` is the KL estimator (``k3``: ``exp(-d) + d - 1``, d = log ratio).
 
 Loop: learners, rollout workers (+ reference scorers) -> for step: sample groups -> rewards ->
-advantages -> log pi_old (+ log pi_ref) -> clipped update -> sync weights -> checkpoint.
+advantages -> log pi_old (+ log pi_ref) -> ``ppo_epochs`` clipped updates on the batch -> sync
+weights -> checkpoint.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def check_config(gc) -> None:
     ):
         if value not in valid:
             raise ValueError(f"grpo.{key}={value!r}; expected one of {list(valid)}")
-    if gc.group_size < 1 or gc.prompts_per_step < 1:
-        raise ValueError("grpo.group_size and grpo.prompts_per_step must be >= 1")
+    if gc.group_size < 1 or gc.prompts_per_step < 1 or gc.ppo_epochs < 1:
+        raise ValueError("grpo.group_size, grpo.prompts_per_step and grpo.ppo_epochs must be >= 1")
 
 
 def _ref_logprobs(reference, batch: SequenceBatch) -> torch.Tensor:
@@ -140,24 +141,31 @@ def run(ctx: StageContext) -> dict:
         }
         if reference is not None:
             tensors["ref_logprobs"] = _ref_logprobs(reference, batch)
-        # 5. One clipped update. DeepSpeed averages over ranks and micro-steps, so dapo's
-        #    global token count is divided by both to give the exact global token mean.
+        # 5. ppo_epochs clipped updates on this batch (pi_old stays the sampling-time policy,
+        #    so from the second epoch on the ratio moves and the clip acts). DeepSpeed averages
+        #    over ranks and micro-steps, so dapo's global token count is divided by both to
+        #    give the exact global token mean.
         n_tokens = float(mask.sum())
         shards = to_micro_batches(tensors, world, grad_accum)
-        metrics = mean_metrics(
-            learners.call_per_rank(
-                "train_step",
-                [(s, grpo_policy_loss) for s in shards],
-                num_items_in_batch=max(n_tokens, 1.0) / (world * grad_accum),
-                **loss_kwargs,
+        for epoch in range(gc.ppo_epochs):
+            metrics = mean_metrics(
+                learners.call_per_rank(
+                    "train_step",
+                    [(s, grpo_policy_loss) for s in shards],
+                    num_items_in_batch=max(n_tokens, 1.0) / (world * grad_accum),
+                    **loss_kwargs,
+                )
             )
-        )
+            if epoch == 0:  # the policy as sampled: ratio 1, KL to the reference as it was
+                first = {f"first_epoch/{k}": metrics[k] for k in ("clip_ratio/region_mean", "kl")
+                         if k in metrics}  # fmt: skip
         # 6. Push the new weights to the samplers.
         sync_weights(learners, rollouts)
         metrics.update(
             reward=float(rewards.mean()),
             reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
             response_length=n_tokens / len(rewards),
+            **first,
         )
         ctx.log(step + 1, gc.steps, metrics, t0)
         maybe_checkpoint(ctx, learners, step + 1, gc.steps)

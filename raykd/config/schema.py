@@ -197,6 +197,9 @@ class GRPOConfig:
     rewards: list[str] = field(default_factory=lambda: ["format"])  # names in REWARDS
     reward_weights: Optional[list[float]] = None  # None = 1.0 each
     reward_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {length: {target: 64}}
+    # Optimizer steps per sampled batch (the paper's mu, TRL's num_iterations); > 1 reuses the
+    # samples and is what the clip is for.
+    ppo_epochs: int = 1
     lr: Optional[float] = None
 
 

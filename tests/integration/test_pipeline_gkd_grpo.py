@@ -76,9 +76,14 @@ def test_grpo_raises_a_learnable_reward_with_kl_to_reference(
         "grpo.beta=0.04",
         "grpo.kl_estimator=k3",
         "grpo.lr=1e-2",
+        "grpo.ppo_epochs=2",
     )
     run_dir = run_pipeline(cfg)
     rows = _rows(run_dir, "1-grpo")
+    # pi_old is recomputed by the learner: the first epoch's ratio is exactly 1, nothing is
+    # clipped; the second epoch reuses the batch after an update, and the clip acts
+    assert all(r["first_epoch/clip_ratio/region_mean"] == 0.0 for r in rows), rows
+    assert max(r["clip_ratio/region_mean"] for r in rows) > 0.0, rows
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
 
     reward = [r["reward"] for r in rows]
@@ -86,8 +91,9 @@ def test_grpo_raises_a_learnable_reward_with_kl_to_reference(
     assert all(0 < r["response_length"] <= 12 for r in rows)
     assert all(r["reward_std"] >= 0 for r in rows)
 
-    # KL to the frozen start model: finite, ~0 before the first update, positive after
-    kl = [r["kl"] for r in rows]
+    # KL to the frozen start model (of the policy as sampled): finite, ~0 before the first
+    # update, positive after
+    kl = [r["first_epoch/kl"] for r in rows]
     assert all(math.isfinite(x) and x >= 0 for x in kl), kl
     assert kl[0] < 1e-4 and max(kl[1:]) > 1e-4, kl
     assert (run_dir / "models" / "final" / "model.safetensors").exists()
