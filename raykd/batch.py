@@ -18,6 +18,7 @@ Alignment convention (used by every role, loss and algorithm):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -132,3 +133,28 @@ def _select(obj, index):
         else:
             kwargs[f.name] = value
     return type(obj)(**kwargs)
+
+
+def scatter_topk(
+    per_example: list[tuple[torch.Tensor, torch.Tensor]],
+    loss_mask: torch.Tensor,
+    k: int,
+    names: list[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example top-k targets (``[n_b, k]`` log-probs and token ids, one row per response
+    position of example ``b``) scattered into dense ``[B, T, k]`` tensors at the positions of
+    ``loss_mask``. Other positions hold a valid filler distribution (``log(0.5/k)`` on ids
+    ``0..k-1``) that no masked loss reads. ``names`` label errors (e.g. example uids)."""
+    bsz, seqlen = loss_mask.shape
+    lp = torch.full((bsz, seqlen, k), math.log(0.5 / k))
+    idx = torch.arange(k).expand(bsz, seqlen, k).clone()
+    for b, (vals, ids) in enumerate(per_example):
+        pos = loss_mask[b].nonzero().flatten()
+        if len(pos) != vals.shape[0]:
+            name = names[b] if names else f"row {b}"
+            raise ValueError(
+                f"example {name}: {len(pos)} response positions but {vals.shape[0]} target rows"
+            )
+        lp[b, pos] = vals.float()
+        idx[b, pos] = ids.long()
+    return lp, idx

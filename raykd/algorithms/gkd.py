@@ -24,7 +24,6 @@ checkpoint -> export.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
@@ -49,7 +48,7 @@ from raykd.algorithms.common import (
     sync_weights,
     to_micro_batches,
 )
-from raykd.batch import SequenceBatch
+from raykd.batch import SequenceBatch, scatter_topk
 from raykd.losses import reduce_loss, topk_jsd
 from raykd.roles.target_cache import TopKCache
 
@@ -86,14 +85,7 @@ def fresh_targets(
     parts = split_batch(batch, len(scorers))
     refs = [a.topk_targets.remote(b, k, temperature) for a, b in zip(scorers.actors, parts)]
     per_example = [t for part in ray.get(refs) for t in part]
-    bsz, seqlen = batch.loss_mask.shape
-    lp = torch.full((bsz, seqlen, k), math.log(0.5 / k))
-    idx = torch.arange(k).expand(bsz, seqlen, k).clone()
-    for b, (vals, ids) in enumerate(per_example):
-        pos = batch.loss_mask[b].nonzero().flatten()
-        lp[b, pos] = vals.float()
-        idx[b, pos] = ids.long()
-    return lp, idx
+    return scatter_topk(per_example, batch.loss_mask, k, batch.uids)
 
 
 def run(ctx: StageContext) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 import torch
 
-from raykd.batch import Example, examples_to_batch
+from raykd.batch import Example, examples_to_batch, scatter_topk
 
 
 def model_fingerprint(model_dir: str) -> str:
@@ -101,21 +101,10 @@ class TopKCache:
     def dense(self, examples: list[Example], batch_loss_mask: torch.Tensor):
         """Scatter cached per-example targets into ``[B, T, k]`` tensors at the response
         positions of ``batch_loss_mask``. Other positions hold a harmless uniform filler."""
-        bsz, seqlen = batch_loss_mask.shape
-        filler = torch.log(torch.tensor(0.5 / self.k))
-        lp = torch.full((bsz, seqlen, self.k), float(filler))
-        idx = torch.zeros((bsz, seqlen, self.k), dtype=torch.long)
-        idx[:] = torch.arange(self.k)
-        for b, ex in enumerate(examples):
+        targets = []
+        for ex in examples:
             got = self.get(ex)
             if got is None:
                 raise KeyError(f"teacher targets for example {ex.uid} are not in the cache")
-            pos = batch_loss_mask[b].nonzero().flatten()
-            if len(pos) != got[0].shape[0]:
-                raise ValueError(
-                    f"example {ex.uid}: {len(pos)} target positions but cache holds "
-                    f"{got[0].shape[0]}"
-                )
-            lp[b, pos] = got[0].float()
-            idx[b, pos] = got[1].long()
-        return lp, idx
+            targets.append(got)
+        return scatter_topk(targets, batch_loss_mask, self.k, [ex.uid for ex in examples])

@@ -107,3 +107,24 @@ def test_rundir_atomic_writes_and_dir_replace(tmp_path):
 def test_example_stream_rejects_empty():
     with pytest.raises(ValueError, match="empty"):
         next(example_stream([], 2, 0))
+
+
+def test_scatter_topk_places_rows_at_response_positions_and_names_mismatches():
+    import math
+
+    import pytest
+    import torch
+
+    from raykd.batch import scatter_topk
+
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 0]], dtype=torch.float32)
+    a = (torch.tensor([[-0.1, -2.0], [-0.3, -1.5]]), torch.tensor([[5, 7], [9, 2]]))
+    b = (torch.tensor([[-0.2, -1.7]]), torch.tensor([[4, 3]]))
+    lp, idx = scatter_topk([a, b], mask, 2)
+    assert lp.shape == idx.shape == (2, 4, 2)
+    torch.testing.assert_close(lp[0, 1:3], a[0])
+    torch.testing.assert_close(idx[1, 2], b[1][0])
+    # off-mask positions: a valid filler distribution (mass 2 * 0.5/2 = 0.5 <= 1)
+    assert torch.all(lp[0, 0] == math.log(0.25)) and idx[0, 3].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="example ex-b: 1 response positions but 2"):
+        scatter_topk([a, a], mask, 2, ["ex-a", "ex-b"])

@@ -57,5 +57,5 @@ def test_dense_rejects_missing_or_mismatched_targets(tmp_path):
     with pytest.raises(KeyError, match="example a"):
         cache.dense(ex, batch.loss_mask)
     cache.put(ex[0], torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.int32))
-    with pytest.raises(ValueError, match="2 target positions"):
+    with pytest.raises(ValueError, match="example a: 2 response positions but 1 target rows"):
         cache.dense(ex, batch.loss_mask)
