@@ -74,7 +74,9 @@ def test_dense_kd_taid_two_teachers_hidden(ray_node, tiny_teacher, second_teache
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_dense_kd_reverse_kl_full_logits(ray_node, tiny_teacher, tmp_path):
+def test_dense_kd_reverse_kl_hidden_zero3_two_ranks(ray_node, tiny_teacher, tmp_path):
+    """Full-logit reverse KL + hidden matching with the student (and its projector)
+    partitioned by ZeRO-3 over two ranks, each rank holding its own colocated teacher."""
     cfg = tiny_config(
         tmp_path,
         tiny_teacher,
@@ -84,12 +86,25 @@ def test_dense_kd_reverse_kl_full_logits(ray_node, tiny_teacher, tmp_path):
         "dense_kd.alpha=0.9",
         "dense_kd.lr=1e-3",
         "dense_kd.steps=4",
+        "dense_kd.hidden_weight=0.5",
+        "dense_kd.hidden_kind=cosine",
+        "learner.num_ranks=2",
+        "learner.zero_stage=3",
+        "learner.micro_batch_size=2",
     )
-    rows = _rows(run_pipeline(cfg), "1-dense_kd")
+    run_dir = run_pipeline(cfg)
+    rows = _rows(run_dir, "1-dense_kd")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert rows[-1]["kd"] < rows[0]["kd"]
-    assert "hidden" not in rows[0] and "t" not in rows[0]
+    assert rows[-1]["hidden"] < rows[0]["hidden"]
+    assert "t" not in rows[0]
+    # the ZeRO-3 export gathers the full student and still drops the projector
+    out = run_dir / "models" / "1-dense_kd"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert keys and not [k for k in keys if "raykd_projector" in k]
+        assert all(f.get_tensor(k).numel() > 0 for k in keys)
 
 
 @pytest.mark.parametrize("key", ["objective", "hidden_kind"])
