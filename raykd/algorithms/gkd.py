@@ -2,7 +2,9 @@
 
 Each step trains on one batch of responses ``y`` to the step's prompts ``x``. With probability
 ``lambda`` (``gkd.lmbda``) the batch is *on-policy*: ``y ~ q_S(. | x)``, sampled by the rollout
-workers from the current student; otherwise it is the dataset's responses. Per response token,
+workers from the current student; otherwise it is the dataset's responses or, with
+``gkd.off_policy=teacher``, fresh samples ``y ~ p_T(. | x)`` from teacher-held rollout workers
+(the paper's teacher-generated outputs). Per response token,
 with ``p = p_T^tau(. | x, y_<t)`` the teacher and ``q = q_S^tau(. | x, y_<t)`` the student::
 
     m    = beta * p + (1 - beta) * q
@@ -13,7 +15,7 @@ with ``p = p_T^tau(. | x, y_<t)`` the teacher and ``q = q_S^tau(. | x, y_<t)`` t
 ``KL(q || p)`` (TRL's convention). The teacher ships its top-k log-probs at temperature
 ``tau`` plus a tail bucket, and the student is bucketed the same way
 (``raykd.losses.topk_jsd``). Targets on dataset responses are scored once per example and
-cached, as in ``word_kd``; targets on student samples are scored afresh every step. The
+cached, as in ``word_kd``; targets on sampled responses are scored afresh every step. The
 on/off-policy draw is seeded by ``(run.seed, step)``, so a resumed run makes the same draws
 as an unbroken one.
 
@@ -88,10 +90,16 @@ def fresh_targets(
     return scatter_topk(per_example, batch.loss_mask, k, batch.uids)
 
 
+OFF_POLICY = ("dataset", "teacher")
+
+
 def run(ctx: StageContext) -> dict:
     cfg, gc = ctx.cfg, ctx.cfg.gkd
     if not 0.0 <= gc.lmbda <= 1.0:
         raise ValueError(f"gkd.lmbda must be in [0, 1], got {gc.lmbda}")
+    if gc.off_policy not in OFF_POLICY:
+        raise ValueError(f"gkd.off_policy={gc.off_policy!r}; expected one of {list(OFF_POLICY)}")
+    teacher_samples = gc.off_policy == "teacher" and gc.lmbda < 1
     t0 = time.time()
     k = cfg.teacher.top_k
 
@@ -101,6 +109,7 @@ def run(ctx: StageContext) -> dict:
     rollouts = make_rollouts(cfg, ctx.student_in) if gc.lmbda > 0 else None
     if rollouts is not None and start:
         sync_weights(learners, rollouts)
+    teacher_rollouts = make_rollouts(cfg, ctx.teacher_path) if teacher_samples else None
     scorers = make_scorers(ctx)
     cache = TopKCache(cfg.teacher.cache_dir, ctx.teacher_path, k, gc.temperature)
     loss_kwargs = dict(
@@ -113,10 +122,12 @@ def run(ctx: StageContext) -> dict:
         if step >= gc.steps:
             break
         on_policy = is_on_policy(cfg.run.seed, step, gc.lmbda)
-        # Responses and teacher targets: the student's samples (scored now) or the dataset's
-        # responses (scored once, then cached).
-        if on_policy:
-            batch = sample_rollouts(ctx, rollouts, examples, seed=cfg.run.seed * 1000 + step).batch
+        # Responses and teacher targets: the student's or the teacher's samples (scored now)
+        # or the dataset's responses (scored once, then cached).
+        if on_policy or teacher_samples:
+            sampler = rollouts if on_policy else teacher_rollouts
+            seed = cfg.run.seed * 1000 + step
+            batch = sample_rollouts(ctx, sampler, examples, seed=seed).batch
             tensors = batch_tensors(batch)
             targets = fresh_targets(scorers, batch, k, gc.temperature)
         else:
@@ -138,7 +149,7 @@ def run(ctx: StageContext) -> dict:
         ctx.log(step + 1, gc.steps, metrics, t0)
         maybe_checkpoint(ctx, learners, step + 1, gc.steps)
 
-    if rollouts is not None:
-        rollouts.shutdown()
-    scorers.shutdown()
+    for group in (rollouts, teacher_rollouts, scorers):
+        if group is not None:
+            group.shutdown()
     return finish(ctx, learners, gc.steps, t0, metrics)

@@ -176,6 +176,7 @@ class GKDConfig:
 
     steps: int = 40
     lmbda: float = 0.5  # probability that a step trains on the student's own samples
+    off_policy: str = "dataset"  # the other steps' responses: dataset | teacher (its samples)
     beta: float = 0.5  # generalized JSD: 0 = forward KL, 1 = reverse KL
     temperature: float = 1.0  # of the teacher targets and the student in the divergence
     lr: Optional[float] = None

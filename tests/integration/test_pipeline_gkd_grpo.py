@@ -54,6 +54,30 @@ def test_gkd_mixes_on_and_off_policy_steps_and_fits(ray_node, tiny_teacher, tmp_
     assert (run_dir / "models" / "final" / "model.safetensors").exists()
 
 
+def test_gkd_off_policy_teacher_samples(ray_node, tiny_teacher, tmp_path):
+    """lambda = 0 with off_policy=teacher: every step trains on fresh teacher samples."""
+    cfg = tiny_config(
+        tmp_path,
+        tiny_teacher,
+        *FAST,
+        "pipeline.train=[gkd]",
+        "gkd.steps=5",
+        "gkd.lmbda=0.0",
+        "gkd.off_policy=teacher",
+        "gkd.beta=0.5",
+        "gkd.lr=1e-3",
+    )
+    rows = _rows(run_pipeline(cfg), "1-gkd")
+    assert [r["step"] for r in rows] == list(range(1, 6))
+    assert all(r["on_policy"] == 0.0 for r in rows)
+    # the responses are samples (<= rollout.max_new_tokens = 12), not the fixture's long
+    # dataset responses (hundreds of byte tokens)
+    assert all(0 < r["response_tokens"] <= 12 for r in rows), rows
+    jsd = [r["loss"] for r in rows]
+    assert all(math.isfinite(x) and x >= 0 for x in jsd)
+    assert statistics.fmean(jsd[-2:]) < statistics.fmean(jsd[:2]), jsd
+
+
 def _letters(prompt: str, completion: str, reference: str) -> float:
     """Test-only reward: the share of ASCII letters in the completion."""
     return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
