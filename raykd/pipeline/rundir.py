@@ -83,6 +83,15 @@ def _jsonable(obj: Any):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _ends_a_line(path: Path) -> bool:
+    """True if ``path`` is absent, empty, or ends with a newline."""
+    if not path.exists() or path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
 class RunDir:
     """Paths and writers of one run."""
 
@@ -90,6 +99,7 @@ class RunDir:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._tb = None
+        self._log_line_closed = _ends_a_line(self.path("metrics.jsonl"))
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -111,8 +121,12 @@ class RunDir:
     # ---- metrics ----------------------------------------------------------------------
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
         record = {"stage": stage, "step": step, "time": time.time(), **metrics}
-        with open(self.path("metrics.jsonl"), "a") as fh:
-            fh.write(json.dumps(record, default=_jsonable) + "\n")
+        with open(self.path("metrics.jsonl"), "ab") as fh:
+            line = json.dumps(record, default=_jsonable) + "\n"
+            if fh.tell() and not self._log_line_closed:
+                line = "\n" + line  # after a line a kill cut short: never glue onto it
+            fh.write(line.encode())
+        self._log_line_closed = True
         writer = self._writer()
         if writer is not None:
             for key, value in metrics.items():
@@ -121,18 +135,23 @@ class RunDir:
             writer.flush()
 
     def read_metrics(self, stage: str | None = None) -> list[dict]:
+        """The logged rows, one per ``(stage, step)`` in order of first appearance.
+
+        The log is append-only: a run killed after step ``n`` but before checkpoint ``n``
+        logs steps past its last checkpoint, which the resumed run trains and logs again;
+        the later row of a ``(stage, step)`` wins. A line cut short by a kill is skipped."""
         p = self.path("metrics.jsonl")
         if not p.exists():
             return []
-        rows = []
+        rows: dict[tuple, dict] = {}
         for line in p.read_text().splitlines():
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: skip it
+            except json.JSONDecodeError:
                 continue
             if stage is None or row.get("stage") == stage:
-                rows.append(row)
-        return rows
+                rows[(row.get("stage"), row.get("step"))] = row
+        return list(rows.values())
 
     def _writer(self):
         if self._tb is None:

@@ -85,6 +85,13 @@ def test_rundir_atomic_writes_and_dir_replace(tmp_path):
     with open(rd.path("metrics.jsonl"), "a") as fh:
         fh.write('{"stage": "s", "step": 2, "lo')  # a line cut by a kill
     assert [r["loss"] for r in rd.read_metrics("s")] == [2.5]
+    # the resumed run (a new RunDir on the same directory) never glues onto the cut line, and
+    # a step it trains again supersedes the killed run's row for that step
+    rd = RunDir(tmp_path / "run")
+    rd.log("s", 1, {"loss": 2.0})
+    rd.log("s", 2, {"loss": 1.5})
+    assert [(r["step"], r["loss"]) for r in rd.read_metrics("s")] == [(1, 2.0), (2, 1.5)]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
     rd.mark_done("stage", {"a": 1})
     assert rd.stage_done("stage") == {"a": 1} and rd.stage_done("other") is None
     atomic_write_json(tmp_path / "x.json", {"v": torch.tensor(1.5)})
