@@ -217,6 +217,9 @@ class EvalConfig:
 class PipelineConfig:
     # Training stages, in order; each names an algorithm in raykd.algorithms.ALGORITHMS.
     train: list[str] = field(default_factory=lambda: ["word_kd", "reverse_kl"])
+    # Fine-tune the teacher first (SFT on the task's train split, `teacher_sft` section); the
+    # fine-tuned teacher is then the one the student is cut from, distilled from and compared to.
+    finetune_teacher: bool = False
     eval_teacher: bool = True
     eval_student_before: bool = True
     checkpoint_every: int = 20
@@ -236,6 +239,7 @@ class RunConfig:
     dense_kd: DenseKDConfig = field(default_factory=DenseKDConfig)
     reverse_kl: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    teacher_sft: SFTConfig = field(default_factory=SFTConfig)  # with pipeline.finetune_teacher
     seqkd: SeqKDConfig = field(default_factory=SeqKDConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)

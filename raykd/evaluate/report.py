@@ -35,7 +35,7 @@ from raykd.pipeline.rundir import atomic_write
 
 TEACHER = "teacher"
 #: Models shown first, in this order; any other models follow in their given order.
-MODEL_ORDER: tuple[str, ...] = (TEACHER, "student_before", "student_after")
+MODEL_ORDER: tuple[str, ...] = ("teacher_base", TEACHER, "student_before", "student_after")
 
 
 def _num(value: Any) -> float:

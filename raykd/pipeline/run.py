@@ -4,6 +4,7 @@ Stages, each skipped when its result is already in the run directory (so a kille
 resumes where it stopped; a training stage resumes from its last checkpoint)::
 
     prepare   resolve the teacher, tokenise the task
+    teacher   optional: fine-tune the teacher (SFT, ``teacher_sft``); it then teaches
     student   derive the student (layer subset of the teacher, or pretrained/config)
     eval      teacher and the untrained student on the eval split
     train     each algorithm in ``pipeline.train`` in order (sft, word_kd, reverse_kl, ...)
@@ -121,6 +122,32 @@ def _evaluate(cfg, rundir: RunDir, label: str, model_path: str, task) -> dict:
     return result
 
 
+def _train_stage(
+    cfg, rundir: RunDir, stage: str, algo: str, model_in: str, teacher_path: str, task, tokenizer
+) -> tuple[dict, str]:
+    """Run (or skip, when done; or resume, when checkpointed) one training stage that trains
+    ``model_in`` with ``algo`` into ``models/<stage>``; return its summary and output dir."""
+    out = rundir.model_dir(stage)
+    recover_dir(out)
+    summary = rundir.stage_done(stage)
+    if summary is None or not out.exists():
+        print(f"[raykd] stage {stage} starting from {model_in}", flush=True)
+        ctx = StageContext(
+            cfg=cfg,
+            rundir=rundir,
+            stage=stage,
+            student_in=model_in,
+            student_out=str(out),
+            teacher_path=teacher_path,
+            train=task.train,
+            pad_id=tokenizer.pad_token_id,
+            tokenizer_path=teacher_path,
+        )
+        summary = get_algorithm(algo)(ctx)
+        rundir.mark_done(stage, summary)
+    return summary, str(out)
+
+
 def run_pipeline(cfg) -> Path:
     """Run (or resume) every stage of ``cfg``; return the run directory."""
     t_start = time.time()
@@ -151,6 +178,16 @@ def run_pipeline(cfg) -> Path:
         flush=True,
     )
 
+    # teacher fine-tuning (optional): from here on the fine-tuned teacher is "the teacher"
+    results = {"task": dc.task, "kind": task.kind, "models": {}, "stages": {}}
+    base_teacher = teacher_path
+    if cfg.pipeline.finetune_teacher:
+        teacher_cfg = OmegaConf.merge(cfg, {"sft": OmegaConf.to_container(cfg.teacher_sft)})
+        stage = "teacher-sft"
+        results["stages"][stage], teacher_path = _train_stage(
+            teacher_cfg, rundir, stage, "sft", teacher_path, base_teacher, task, tokenizer
+        )
+
     # student
     student_dir = rundir.model_dir("student_init")
     recover_dir(student_dir)
@@ -163,8 +200,11 @@ def run_pipeline(cfg) -> Path:
         rundir.mark_done("student", student_info)
     print(f"[raykd] student: {student_info.get('layers', student_info['init'])}", flush=True)
 
-    results = {"task": dc.task, "kind": task.kind, "models": {}, "stages": {}}
     if cfg.pipeline.eval_teacher:
+        if teacher_path != base_teacher:
+            results["models"]["teacher_base"] = _evaluate(
+                cfg, rundir, "teacher_base", base_teacher, task
+            )
         results["models"]["teacher"] = _evaluate(cfg, rundir, "teacher", teacher_path, task)
     if cfg.pipeline.eval_student_before:
         results["models"]["student_before"] = _evaluate(
@@ -175,26 +215,9 @@ def run_pipeline(cfg) -> Path:
     current = str(student_dir)
     for i, algo in enumerate(cfg.pipeline.train):
         stage = f"{i + 1}-{algo}"
-        out = rundir.model_dir(stage)
-        recover_dir(out)
-        summary = rundir.stage_done(stage)
-        if summary is None or not out.exists():
-            print(f"[raykd] stage {stage} starting from {current}", flush=True)
-            ctx = StageContext(
-                cfg=cfg,
-                rundir=rundir,
-                stage=stage,
-                student_in=current,
-                student_out=str(out),
-                teacher_path=teacher_path,
-                train=task.train,
-                pad_id=tokenizer.pad_token_id,
-                tokenizer_path=teacher_path,
-            )
-            summary = get_algorithm(algo)(ctx)
-            rundir.mark_done(stage, summary)
-        results["stages"][stage] = summary
-        current = str(out)
+        results["stages"][stage], current = _train_stage(
+            cfg, rundir, stage, algo, current, teacher_path, task, tokenizer
+        )
 
     if cfg.pipeline.train:
         results["models"]["student_after"] = _evaluate(cfg, rundir, "student_after", current, task)
