@@ -29,6 +29,21 @@ import torch
 from raykd.pipeline.rundir import atomic_write_json, recover_dir, replace_dir
 
 
+def _skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-building its shared-memory all-reduce op.
+
+    The op (~35 s of compiling, once per environment; an actor killed mid-build leaves a lock
+    that hangs every later build) serves only DeepSpeed's ``inference_all_reduce``; training
+    collectives go through ``torch.distributed`` (gloo). Marking it incompatible makes
+    ``init_distributed`` skip the build."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def _set_threads(num_threads: int | None) -> None:
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -77,6 +92,8 @@ class Learner:
             LOCAL_WORLD_SIZE="1",
         )
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            _skip_cpu_shm_op()
         deepspeed.init_distributed(
             dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, verbose=False
         )

@@ -27,7 +27,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if ray.is_initialized():
         return ray.get_runtime_context()
     os.environ.update(WORKER_ENV)
-    # DeepSpeed JIT-builds ops (the shm comm op, ~30-60 s) into TORCH_EXTENSIONS_DIR. One cache
+    # DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR (the learner skips the CPU shm op, but
+    # other ops may still be built, e.g. by a user config). One cache
     # per environment: two venvs sharing ~/.cache/torch_extensions rebuild each other's ops,
     # and an actor killed mid-build leaves a lock that hangs every later build.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
