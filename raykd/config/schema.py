@@ -166,6 +166,9 @@ class SeqKDConfig:
 
     steps: int = 40
     samples_per_prompt: int = 1
+    # SCoTD: appended to the teacher's user turn only (e.g. "Think step by step, then give the
+    # answer."); the student is trained on the original prompt with the teacher's response.
+    teacher_instruction: str = ""
     lr: Optional[float] = None
 
 

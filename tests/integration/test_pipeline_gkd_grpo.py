@@ -10,6 +10,7 @@ import statistics
 import pytest
 
 from raykd.algorithms.gkd import is_on_policy
+from raykd.models import load_tokenizer
 from raykd.pipeline.run import run_pipeline
 from raykd.rewards import REWARDS
 
@@ -133,6 +134,7 @@ def test_seqkd_trains_on_teacher_samples_and_reuses_them(ray_node, tiny_teacher,
         "pipeline.eval_teacher=false",
         "seqkd.steps=6",
         "seqkd.samples_per_prompt=2",
+        "seqkd.teacher_instruction='Think step by step.'",
         "learner.lr=3e-3",
     )
     run_dir = run_pipeline(cfg)
@@ -140,6 +142,12 @@ def test_seqkd_trains_on_teacher_samples_and_reuses_them(ray_node, tiny_teacher,
     assert len(samples) == 8  # 4 prompts x 2 samples
     first = json.loads(samples[0])
     assert first["uid"].endswith("#t0") and len(first["response_ids"]) > 0
+    # SCoTD: the teacher was asked for its reasoning; the student trains on the plain prompt
+    tok = load_tokenizer(tiny_teacher)
+    teacher_prompt = tok.decode(first["teacher_prompt_ids"])
+    student_prompt = tok.decode(first["prompt_ids"])
+    assert "Think step by step." in teacher_prompt and "Think step by step." not in student_prompt
+    assert teacher_prompt.replace("\n\nThink step by step.", "") == student_prompt
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ce = [r["ce"] for r in rows if r["stage"] == "1-seqkd" and "ce" in r]
     assert len(ce) == 6 and ce[-1] < 0.8 * ce[0]
