@@ -9,13 +9,19 @@ are the teacher's top-k log-probs at temperature ``tau`` (plus the tail bucket),
 per example by the teacher role and cached on disk: later epochs, resumed runs and sweep
 trials read the cache and pay no teacher forward (see ``roles/target_cache.py``).
 
-Loop: fill the target cache -> build learners -> for step: batch -> attach cached targets ->
-train -> checkpoint -> export.
+With ``teacher.prefetch_steps = L > 0`` the cache is filled lazily instead: before each step
+the batches of the next ``L`` steps are queued on the teacher scorers, so on a cluster the
+teacher scores ahead while the learner trains, and only examples training reaches are scored.
+
+Loop: fill the target cache (or start prefetching) -> build learners -> for step: batch ->
+(prefetch ahead, wait for this batch's targets) -> attach cached targets -> train ->
+checkpoint -> export.
 """
 
 from __future__ import annotations
 
 import time
+from itertools import islice
 
 from raykd.algorithms.common import (
     StageContext,
@@ -31,7 +37,7 @@ from raykd.algorithms.common import (
     to_micro_batches,
 )
 from raykd.losses import hinton_kd_loss
-from raykd.roles.target_cache import TopKCache
+from raykd.roles.target_cache import TargetPrefetcher, TopKCache
 
 
 def kd_loss(model, mb, *, alpha, temperature, divergence, divergence_kwargs, chunk_size):
@@ -55,19 +61,31 @@ def run(ctx: StageContext) -> dict:
     cfg, kc = ctx.cfg, ctx.cfg.word_kd
     t0 = time.time()
 
-    # 1. Teacher targets, once per example (cached across epochs, runs and trials).
+    # 1. Teacher targets, once per example (cached across epochs, runs and trials): all of
+    #    them before training, or lazily, `lookahead` steps ahead of the learner.
     cache = TopKCache(cfg.teacher.cache_dir, ctx.teacher_path, cfg.teacher.top_k, kc.temperature)
-    if any(cache.get(ex) is None for ex in ctx.train):
+    lookahead = cfg.teacher.prefetch_steps
+    scorers, prefetch = None, None
+    stats = {"cached": len(ctx.train), "scored": 0, "seconds": 0.0}
+    if lookahead <= 0 and not all(cache.has(ex) for ex in ctx.train):
         scorers = make_scorers(ctx)
         stats = cache.fill(ctx.train, scorers, ctx.pad_id, cfg.teacher.batch_size)
         scorers.shutdown()
-    else:
-        stats = {"cached": len(ctx.train), "scored": 0, "seconds": 0.0}
-    ctx.rundir.log(ctx.stage, 0, {"teacher_targets_scored": stats["scored"], **stats})
 
-    # 2. Learners, resumed from the stage checkpoint if there is one.
+    # 2. Learners (resumed from the stage checkpoint if any) and the batches still to train.
     learners = make_learners(ctx, ctx.student_in, kc.lr)
     start = resume(ctx, learners)
+    stream = example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start)
+    plan = [examples for _, examples in islice(stream, max(0, kc.steps - start))]
+    if lookahead > 0:
+        needed = [ex for batch in plan for ex in batch]
+        stats["cached"] = len({cache.key(ex) for ex in needed})
+        if not all(cache.has(ex) for ex in needed):
+            scorers = make_scorers(ctx)
+            prefetch = TargetPrefetcher(cache, scorers, ctx.pad_id, cfg.teacher.batch_size)
+    ctx.rundir.log(ctx.stage, 0, {"teacher_targets_scored": stats["scored"], **stats})
+
+    # 3. Train.
     loss_kwargs = dict(
         alpha=kc.alpha,
         temperature=kc.temperature,
@@ -75,13 +93,13 @@ def run(ctx: StageContext) -> dict:
         divergence_kwargs=dict(kc.divergence_kwargs),
         chunk_size=cfg.learner.loss_chunk_size,
     )
-
-    # 3. Train.
     metrics: dict = {}
-    stream = example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start)
-    for step, examples in stream:
-        if step >= kc.steps:
-            break
+    for i, examples in enumerate(plan):
+        step = start + i
+        if prefetch is not None:
+            for ahead in plan[i + 1 : i + 1 + lookahead]:
+                prefetch.submit(ahead)  # queued behind this step's batch on the scorers
+            prefetch.wait(examples)
         tensors = dataset_batch(examples, ctx.pad_id)
         tensors["topk_logprobs"], tensors["topk_indices"] = cache.dense(
             examples, tensors["loss_mask"]
@@ -90,7 +108,13 @@ def run(ctx: StageContext) -> dict:
         metrics = mean_metrics(
             learners.call_per_rank("train_step", [(s, kd_loss) for s in shards], **loss_kwargs)
         )
+        if prefetch is not None:
+            metrics["teacher_wait_seconds"] = round(prefetch.wait_seconds, 2)
         ctx.log(step + 1, kc.steps, metrics, t0)
         maybe_checkpoint(ctx, learners, step + 1, kc.steps)
 
+    if prefetch is not None:
+        stats = {"cached": stats["cached"] - prefetch.scored, "scored": prefetch.scored,
+                 "seconds": round(prefetch.wait_seconds, 1)}  # fmt: skip
+        scorers.shutdown()
     return {**finish(ctx, learners, kc.steps, t0, metrics), "teacher_targets": stats}

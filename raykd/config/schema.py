@@ -39,6 +39,9 @@ class TeacherConfig:
     top_k: int = 64  # top-k log-probs per position shipped to the learner (forward-KL targets)
     batch_size: int = 8
     cache_dir: Optional[str] = None  # teacher-target cache; default: ~/.cache/raykd/targets
+    # word_kd: 0 = score every training example before training; L > 0 = score lazily, L steps
+    # ahead of the learner, so teacher and learner work at once (on separate devices).
+    prefetch_steps: int = 0
 
 
 @dataclass

@@ -57,6 +57,13 @@ class TopKCache:
         ]
         return self.dir / f"{digest}.pt"
 
+    def key(self, ex: Example) -> str:
+        """The example's entry name: a digest of its token ids."""
+        return self._path(ex).name
+
+    def has(self, ex: Example) -> bool:
+        return self._path(ex).exists()
+
     def get(self, ex: Example) -> tuple[torch.Tensor, torch.Tensor] | None:
         p = self._path(ex)
         if not p.exists():
@@ -108,3 +115,54 @@ class TopKCache:
                 raise KeyError(f"teacher targets for example {ex.uid} are not in the cache")
             targets.append(got)
         return scatter_topk(targets, batch_loss_mask, self.k, [ex.uid for ex in examples])
+
+
+class TargetPrefetcher:
+    """Scores upcoming examples in the background, so teacher time overlaps learner steps.
+
+    :meth:`submit` queues scoring of the examples neither cached nor in flight (one scorer
+    call per ``batch_size`` examples, round-robin over the scorer actors; calls on one actor
+    run in submission order); :meth:`wait` blocks until the given examples are cached, writing
+    the results it collects. A controller that submits the batches of steps ``s+1 .. s+L``
+    before waiting for step ``s`` keeps the teacher ``L`` steps ahead of the learner, and
+    scores only the examples training actually reaches.
+    """
+
+    def __init__(self, cache: TopKCache, scorers, pad_id: int, batch_size: int):
+        self.cache, self.scorers = cache, scorers
+        self.pad_id, self.batch_size = pad_id, batch_size
+        self._pending: dict[ray.ObjectRef, list[Example]] = {}
+        self._inflight: dict[str, ray.ObjectRef] = {}  # cache file name -> call scoring it
+        self._calls = 0
+        self.scored = 0
+        self.wait_seconds = 0.0  # time the controller spent blocked on the teacher
+
+    def submit(self, examples: list[Example]) -> None:
+        todo, seen = [], set()
+        for ex in examples:
+            key = self.cache.key(ex)
+            if key in seen or key in self._inflight or self.cache.has(ex):
+                continue
+            seen.add(key)
+            todo.append(ex)
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            actor = self.scorers.actors[self._calls % len(self.scorers)]
+            self._calls += 1
+            batch = examples_to_batch(chunk, self.pad_id)
+            ref = actor.topk_targets.remote(batch, self.cache.k, self.cache.temperature)
+            self._pending[ref] = chunk
+            for ex in chunk:
+                self._inflight[self.cache.key(ex)] = ref
+
+    def wait(self, examples: list[Example]) -> None:
+        t0 = time.time()
+        self.submit(examples)
+        keys = {self.cache.key(ex) for ex in examples}
+        for ref in {self._inflight[k] for k in keys if k in self._inflight}:
+            chunk = self._pending.pop(ref)
+            for ex, (lp, idx) in zip(chunk, ray.get(ref)):
+                self.cache.put(ex, lp, idx)
+                self._inflight.pop(self.cache.key(ex), None)
+            self.scored += len(chunk)
+        self.wait_seconds += time.time() - t0

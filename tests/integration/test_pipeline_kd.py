@@ -58,3 +58,30 @@ def test_word_kd_overfits_caches_targets_and_reports(ray_node, tiny_teacher, tmp
         for (_, a), (_, b) in zip(final.named_parameters(), init.named_parameters())
     ]
     assert any(moved)
+
+
+def test_prefetched_targets_match_upfront_ones_and_score_only_what_is_used(
+    ray_node, tiny_teacher, tmp_path
+):
+    """teacher.prefetch_steps: the teacher scores batches ahead of the learner instead of the
+    whole split first; training sees the same targets, and unused examples are never scored."""
+    args = ("pipeline.train=[word_kd]", "word_kd.steps=2", "data.num_train=8",
+            "learner.micro_batch_size=2", "pipeline.eval_teacher=false",
+            "pipeline.eval_student_before=false", "teacher.batch_size=2")  # fmt: skip
+    runs = {}
+    for mode, extra in (("upfront", "teacher.prefetch_steps=0"), ("ahead", "teacher.prefetch_steps=2")):  # fmt: skip
+        cfg = tiny_config(tmp_path, tiny_teacher, *args, extra, f"run.name={mode}",
+                          f"teacher.cache_dir={tmp_path / ('cache_' + mode)}")  # fmt: skip
+        run_dir = run_pipeline(cfg)
+        stage = json.loads((run_dir / "stages" / "1-word_kd.json").read_text())
+        runs[mode] = (_losses(run_dir, "1-word_kd"), stage["teacher_targets"])
+    (up_rows, up_stats), (ahead_rows, ahead_stats) = runs["upfront"], runs["ahead"]
+    # identical training: same targets reach the learner in the same order
+    assert [r["loss"] for r in ahead_rows] == pytest.approx([r["loss"] for r in up_rows], abs=1e-6)
+    assert all("teacher_wait_seconds" in r for r in ahead_rows)
+    # upfront scores the whole train split (6 of the fixture's 8); ahead only the 2 steps x 2
+    # examples trained on (one epoch's permutation: 4 distinct)
+    n_train = up_stats["scored"]
+    assert n_train == 6 and ahead_stats["scored"] == 4
+    assert len(list((tmp_path / "cache_ahead").rglob("*.pt"))) == ahead_stats["scored"]
+    assert len(list((tmp_path / "cache_upfront").rglob("*.pt"))) == n_train
