@@ -135,6 +135,15 @@ def _select(obj, index):
     return type(obj)(**kwargs)
 
 
+def pad_rows(rows, like: torch.Tensor) -> torch.Tensor:
+    """Per-token rows (lists or 1-D tensors, each starting at column 0) into a zero-padded
+    tensor shaped and typed like ``like`` (e.g. a batch's ``[B, T]`` loss mask)."""
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=out.dtype)
+    return out
+
+
 def scatter_topk(
     per_example: list[tuple[torch.Tensor, torch.Tensor]],
     loss_mask: torch.Tensor,

@@ -16,7 +16,14 @@ from typing import Any
 import ray
 import torch
 
-from raykd.batch import Example, Rollout, SequenceBatch, examples_to_batch, pad_sequences
+from raykd.batch import (
+    Example,
+    Rollout,
+    SequenceBatch,
+    examples_to_batch,
+    pad_rows,
+    pad_sequences,
+)
 from raykd.pipeline.rundir import RunDir
 from raykd.roles.group import RoleGroup, shard
 from raykd.roles.learner import Learner
@@ -248,15 +255,9 @@ def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         plens += r.prompt_lengths
         uids += r.batch.uids
     batch = pad_sequences(seqs, masks, pad_id, uids)
-
-    def stack(rows):
-        out = torch.zeros_like(batch.loss_mask)
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = row
-        return out
-
     has_teacher = all(r.teacher_logprobs is not None for r in parts)
-    return Rollout(batch, stack(lps), plens, texts, stack(tlps) if has_teacher else None)
+    teacher_lp = pad_rows(tlps, batch.loss_mask) if has_teacher else None
+    return Rollout(batch, pad_rows(lps, batch.loss_mask), plens, texts, teacher_lp)
 
 
 def sample_rollouts(

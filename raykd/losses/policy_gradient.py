@@ -196,6 +196,8 @@ def teacher_mixed_importance_weights(
     ``α = 0`` gives ``w = 1``. Detached.
     """
     log_q, log_p = student_logprobs.detach(), teacher_logprobs.detach()
+    if mix_alpha == 0.0:  # sampled from q itself: exactly 1, even where log q = -inf
+        return torch.ones_like(log_q)
     w = torch.exp(log_q - log_mixture(log_p, log_q, mix_alpha))
     return w if max_weight is None else w.clamp(max=max_weight)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from raykd.batch import Rollout, pad_sequences
+from raykd.batch import Rollout, pad_rows, pad_sequences
 from raykd.roles.mixture import sample_from_mixture
 
 
@@ -23,14 +23,6 @@ def _stop_ids(tokenizer) -> list[int]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
-
-
-def _pad_rows(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
-    """Per-token rows into a zero-padded ``[B, T]`` tensor, 0 off ``mask``."""
-    out = torch.zeros_like(mask)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row)
-    return out * mask
 
 
 class RolloutWorker:
@@ -127,10 +119,10 @@ class RolloutWorker:
         batch = pad_sequences(seqs, masks, self.pad_id, uids)
         return Rollout(
             batch,
-            _pad_rows(lps, batch.loss_mask),
+            pad_rows(lps, batch.loss_mask) * batch.loss_mask,
             [len(p) for p in prompts],
             texts,
-            teacher_logprobs=_pad_rows(tlps, batch.loss_mask) if tlps else None,
+            teacher_logprobs=pad_rows(tlps, batch.loss_mask) * batch.loss_mask if tlps else None,
         )
 
     def _generate(self, ids, attn, max_new_tokens, greedy, temperature, top_p):

@@ -81,24 +81,10 @@ class TopKCache:
     def fill(self, examples: list[Example], scorers, pad_id: int, batch_size: int) -> dict:
         """Score every example missing from the cache with the scorer group; return counts."""
         t0 = time.time()
-        missing = [ex for ex in examples if not self._path(ex).exists()]
+        missing = [ex for ex in examples if not self.has(ex)]
         # Sort by length so padded batches waste little compute.
         missing.sort(key=lambda e: len(e.prompt_ids) + len(e.response_ids))
-        batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
-        done = 0
-        # Send one round of batches (one per scorer) at a time and write results as they come.
-        width = max(1, len(scorers))
-        for r in range(0, len(batches), width):
-            round_ = batches[r : r + width]
-            refs = [
-                actor.topk_targets.remote(examples_to_batch(b, pad_id), self.k, self.temperature)
-                for actor, b in zip(scorers.actors, round_)
-            ]
-            for b, targets in zip(round_, ray.get(refs)):
-                for ex, (lp, idx) in zip(b, targets):
-                    self.put(ex, lp, idx)
-                done += len(b)
-            print(f"[teacher-targets] {done}/{len(missing)} examples scored", flush=True)
+        TargetPrefetcher(self, scorers, pad_id, batch_size).wait(missing, progress=True)
         return {
             "cached": len(examples) - len(missing),
             "scored": len(missing),
@@ -155,14 +141,21 @@ class TargetPrefetcher:
             for ex in chunk:
                 self._inflight[self.cache.key(ex)] = ref
 
-    def wait(self, examples: list[Example]) -> None:
+    def wait(self, examples: list[Example], progress: bool = False) -> None:
+        """Block until ``examples`` are cached (scoring what is neither cached nor in flight),
+        collecting results in submission order; ``progress`` prints a line per scorer call."""
         t0 = time.time()
         self.submit(examples)
-        keys = {self.cache.key(ex) for ex in examples}
-        for ref in {self._inflight[k] for k in keys if k in self._inflight}:
+        needed = {self._inflight[k] for k in map(self.cache.key, examples) if k in self._inflight}
+        refs = [ref for ref in self._pending if ref in needed]
+        total, done = sum(len(self._pending[ref]) for ref in refs), 0
+        for ref in refs:
             chunk = self._pending.pop(ref)
             for ex, (lp, idx) in zip(chunk, ray.get(ref)):
                 self.cache.put(ex, lp, idx)
                 self._inflight.pop(self.cache.key(ex), None)
             self.scored += len(chunk)
+            done += len(chunk)
+            if progress:
+                print(f"[teacher-targets] {done}/{total} examples scored", flush=True)
         self.wait_seconds += time.time() - t0
