@@ -1,19 +1,21 @@
-"""What every training algorithm shares: its context, role groups, batching, checkpoints.
+"""What every training algorithm shares: its context, its roles, batching, checkpoints.
 
-An algorithm module (``supervised``, ``word_kd``, ``onpolicy``) reads top to bottom as
+An algorithm module (``supervised``, ``word_kd``, ``onpolicy``, ...) reads top to bottom as
 "build roles -> for step: gather data -> score -> train -> sync -> checkpoint". The plumbing
-it needs lives here so that each algorithm file shows only its own method.
+it needs lives here so that each algorithm file shows only its own method. Nothing here talks
+to Ray directly: role groups (``raykd.roles``) do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from raykd.batch import (
@@ -24,12 +26,28 @@ from raykd.batch import (
     pad_rows,
     pad_sequences,
 )
-from raykd.pipeline.rundir import RunDir
+from raykd.roles.factory import (
+    LearnerGroup,
+    SlotPlacement,
+    learner_group,
+    sampler_group,
+    scorer_group,
+)
 from raykd.roles.group import RoleGroup, shard
-from raykd.roles.learner import Learner
-from raykd.roles.rollout import RolloutWorker
-from raykd.roles.runtime import cluster_cpus
-from raykd.roles.teacher import TeacherScorer
+from raykd.rundir import RunDir
+
+#: ``reporter(stage, step, total, metrics)``: where every logged step goes besides the run
+#: directory (the console by default; a Tune trial reports to Tune).
+Reporter = Callable[[str, int, int, dict], None]
+
+
+def console_reporter(stage: str, step: int, total: int, metrics: dict) -> None:
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in _SHOWN)
+    elapsed = metrics.get("elapsed_seconds", 0.0)
+    print(f"[{stage}] step {step}/{total} {shown} ({elapsed:.0f}s)", flush=True)
+
+
+_SHOWN = ("loss", "kd", "ce", "pg", "reward", "kl_ref", "lm", "grad_norm")
 
 
 @dataclass
@@ -37,6 +55,7 @@ class StageContext:
     """Everything a training stage needs; built by the pipeline."""
 
     cfg: Any  # RunConfig (DictConfig)
+    params: Any  # this stage's algorithm parameters (its section merged with the stage entry)
     rundir: RunDir
     stage: str  # unique stage name in this run, e.g. "1-word_kd"
     student_in: str  # model directory the stage starts from
@@ -45,100 +64,74 @@ class StageContext:
     train: list[Example]
     pad_id: int
     tokenizer_path: str
+    placement: SlotPlacement | None = None  # bundles reserved for the run (a Tune trial)
+    reporter: Reporter = console_reporter
     extra: dict = field(default_factory=dict)
 
     def log(self, step: int, total: int, metrics: dict[str, float], t0: float) -> None:
         self.rundir.log(self.stage, step, metrics)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in _SHOWN)
-        print(f"[{self.stage}] step {step}/{total} {shown} ({time.time() - t0:.0f}s)", flush=True)
+        self.reporter(self.stage, step, total, {**metrics, "elapsed_seconds": time.time() - t0})
 
 
-_SHOWN = ("loss", "kd", "ce", "pg", "reward", "kl_ref", "lm", "grad_norm")
+# ---- roles -------------------------------------------------------------------------------
+class StageRoles(contextlib.ExitStack):
+    """The role groups of one stage; leaving the ``with`` block shuts all of them down, on
+    every exit path (a step that raises included)."""
 
+    def __init__(self, ctx: StageContext):
+        super().__init__()
+        self.ctx = ctx
 
-def _threads(share: int) -> int:
-    return max(1, cluster_cpus() // max(1, share))
+    def _keep(self, group: RoleGroup) -> Any:
+        self.callback(group.shutdown)
+        return group
 
+    def learners(
+        self, model_path: str, lr: float | None = None, extra: dict | None = None
+    ) -> LearnerGroup:
+        """``learner.num_ranks`` DeepSpeed ranks; ``extra``: more :meth:`Learner.setup` keys
+        (e.g. colocated ``teachers``)."""
+        cfg = self.ctx.cfg
+        lc = cfg.learner
+        setup = {
+            "zero_stage": lc.zero_stage,
+            "lr": lr if lr is not None else lc.lr,
+            "weight_decay": lc.weight_decay,
+            "betas": list(lc.betas),
+            "warmup_steps": lc.warmup_steps,
+            "micro_batch_size": lc.micro_batch_size,
+            "grad_accum": lc.grad_accum,
+            "grad_clip": lc.grad_clip,
+            "gradient_checkpointing": lc.gradient_checkpointing,
+            "trainable": cfg.student.trainable,
+            "seed": cfg.run.seed,
+            **(extra or {}),
+        }
+        return self._keep(learner_group(cfg, model_path, setup, placement=self.ctx.placement))
 
-# ---- role groups -------------------------------------------------------------------------
-def make_learners(
-    ctx: StageContext, model_path: str, lr: float | None = None, extra: dict | None = None
-) -> RoleGroup:
-    """A DeepSpeed data-parallel group of ``learner.num_ranks`` actors, set up and ready.
+    def scorers(self, model_path: str | None = None, dtype: str | None = None) -> RoleGroup:
+        """Teacher scorers (``teacher`` section); ``model_path``/``dtype`` load another frozen
+        model on the same resources instead, e.g. GRPO's reference policy."""
+        path = model_path or self.ctx.teacher_path
+        name = "teacher" if model_path is None else "reference"
+        group = scorer_group(
+            self.ctx.cfg, path, dtype=dtype, name=name, placement=self.ctx.placement
+        )
+        return self._keep(group)
 
-    ``extra``: more keys for :meth:`Learner.setup`'s ``cfg`` (e.g. colocated ``teachers``)."""
-    lc = ctx.cfg.learner
-    world = lc.num_ranks
-    group = RoleGroup(
-        Learner,
-        world,
-        num_cpus=lc.cpus_per_rank,
-        num_gpus=lc.gpus_per_rank,
-        make_args=lambda rank: ((rank, world, _threads(world)), {}),
-        name="learner",
-    )
-    addr, port = group.call_rank(0, "rendezvous")
-    setup_cfg = {
-        "zero_stage": lc.zero_stage,
-        "lr": lr if lr is not None else lc.lr,
-        "weight_decay": lc.weight_decay,
-        "betas": list(lc.betas),
-        "warmup_steps": lc.warmup_steps,
-        "micro_batch_size": lc.micro_batch_size,
-        "grad_accum": lc.grad_accum,
-        "grad_clip": lc.grad_clip,
-        "gradient_checkpointing": lc.gradient_checkpointing,
-        "trainable": ctx.cfg.student.trainable,
-        "seed": ctx.cfg.run.seed,
-        **(extra or {}),
-    }
-    group.call("setup", addr, port, model_path, setup_cfg)
-    return group
-
-
-def make_scorers(
-    ctx: StageContext, model_path: str | None = None, dtype: str | None = None
-) -> RoleGroup:
-    """Teacher scorers (``teacher`` section); ``model_path``/``dtype`` load another frozen
-    model on the same resources instead, e.g. GRPO's reference policy."""
-    tc = ctx.cfg.teacher
-    path = model_path or ctx.teacher_path
-    dtype = dtype or tc.dtype
-    return RoleGroup(
-        TeacherScorer,
-        tc.num_workers,
-        num_cpus=tc.cpus_per_worker,
-        num_gpus=tc.gpus_per_worker,
-        make_args=lambda rank: ((path, dtype, _threads(tc.num_workers)), {}),
-        name="teacher" if model_path is None else "reference",
-    )
-
-
-def make_rollouts(cfg, model_path: str, mix_teacher: str | None = None) -> RoleGroup:
-    """Rollout workers holding ``model_path`` (and the teacher, for teacher-mixed sampling)."""
-    rc = cfg.rollout
-    if rc.backend != "hf":
-        raise ValueError(f"rollout.backend={rc.backend!r} is not available in this build")
-    return RoleGroup(
-        RolloutWorker,
-        rc.num_workers,
-        num_cpus=rc.cpus_per_worker,
-        num_gpus=rc.gpus_per_worker,
-        make_args=lambda rank: (
-            (model_path, "float32", _threads(rc.num_workers)),
-            {"mix_teacher": mix_teacher},
-        ),
-        name="rollout",
-    )
-
-
-def sync_weights(learners: RoleGroup, rollouts: RoleGroup) -> None:
-    """Learner rank 0 -> every rollout worker, through the object store (zero-copy tensors)."""
-
-    refs = learners.call_async("state_dict")  # collective under ZeRO-3
-    state_ref = refs[0]
-    ray.get(refs[1:])
-    ray.get([a.update_weights.remote(state_ref) for a in rollouts.actors])
+    def samplers(
+        self, model_path: str, mix_teacher: str | None = None, slot: str = "rollout"
+    ) -> RoleGroup:
+        """Rollout workers holding ``model_path`` (and the teacher, for teacher-mixed
+        sampling); ``slot="teacher_rollout"`` for a second, teacher-held set."""
+        group = sampler_group(
+            self.ctx.cfg,
+            model_path,
+            mix_teacher=mix_teacher,
+            slot=slot,
+            placement=self.ctx.placement,
+        )
+        return self._keep(group)
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -209,28 +202,33 @@ def mean_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 
 # ---- checkpoints -----------------------------------------------------------------------
-def resume(ctx: StageContext, learners: RoleGroup) -> int:
-    """Load the stage's last checkpoint into the learners; return the step to start at."""
+def resume(ctx: StageContext, learners: LearnerGroup) -> tuple[int, dict]:
+    """Load the stage's last checkpoint into the learners; return ``(step to start at, the
+    checkpoint's client state)`` (``(0, {})`` without one or with ``run.resume=false``)."""
     if not ctx.cfg.run.resume:
-        return 0
-    states = learners.call("load_checkpoint", str(ctx.rundir.checkpoint_dir(ctx.stage)))
-    if states[0] is None:
-        return 0
-    step = int(states[0]["step"])
+        return 0, {}
+    state = learners.load_checkpoint(str(ctx.rundir.checkpoint_dir(ctx.stage)))
+    if state is None:
+        return 0, {}
+    step = int(state["step"])
     print(f"[{ctx.stage}] resuming from checkpoint at step {step}", flush=True)
-    return step
+    return step, state
 
 
-def maybe_checkpoint(ctx: StageContext, learners: RoleGroup, step: int, total: int) -> None:
+def maybe_checkpoint(
+    ctx: StageContext, learners: LearnerGroup, step: int, total: int, state: dict | None = None
+) -> None:
+    """Every ``pipeline.checkpoint_every`` steps (not at the end): a DeepSpeed checkpoint with
+    client state ``{"step": step, **state}``."""
     every = ctx.cfg.pipeline.checkpoint_every
     if every and step % every == 0 and step < total:
-        learners.call("save_checkpoint", str(ctx.rundir.checkpoint_dir(ctx.stage)), {"step": step})
+        ckpt = str(ctx.rundir.checkpoint_dir(ctx.stage))
+        learners.save_checkpoint(ckpt, {"step": step, **(state or {})})
 
 
-def finish(ctx: StageContext, learners: RoleGroup, steps: int, t0: float, last: dict) -> dict:
+def finish(ctx: StageContext, learners: LearnerGroup, steps: int, t0: float, last: dict) -> dict:
     """Export the trained student (atomic, safetensors) and summarise the stage."""
-    learners.call("export", ctx.student_out, ctx.tokenizer_path)
-    learners.shutdown()
+    learners.export(ctx.student_out, ctx.tokenizer_path)
     return {
         "steps": steps,
         "seconds": round(time.time() - t0, 1),
@@ -261,35 +259,31 @@ def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 
 
 def sample_rollouts(
-    ctx: StageContext, rollouts, examples, seed: int, mix_alpha: float = 0.0
+    ctx: StageContext, samplers: RoleGroup, examples, seed: int, mix_alpha: float = 0.0
 ) -> Rollout:
-    """Sample one response per example, prompts sharded over the rollout workers."""
+    """Sample one response per example, prompts sharded over the samplers (worker ``r``
+    seeded ``seed + r``)."""
     rc = ctx.cfg.rollout
-    prompts = [ex.prompt_ids for ex in examples]
-    uids = [ex.uid for ex in examples]
-    refs = [
-        actor.generate.remote(
-            list(p),
-            uids=list(u),
-            max_new_tokens=rc.max_new_tokens,
-            temperature=rc.temperature,
-            top_p=rc.top_p,
-            seed=seed + rank,
-            mix_alpha=mix_alpha,
-        )
-        for rank, (actor, p, u) in enumerate(
-            zip(rollouts.actors, shard(prompts, len(rollouts)), shard(uids, len(rollouts)))
-        )
-        if len(p)
+    calls = [
+        (([ex.prompt_ids for ex in s],), {"uids": [ex.uid for ex in s], "seed": seed + rank})
+        for rank, s in enumerate(shard(list(examples), len(samplers)))
+        if len(s)
     ]
-    return merge_rollouts(ray.get(refs), ctx.pad_id)
+    parts = samplers.map_calls(
+        "generate",
+        calls,
+        max_new_tokens=rc.max_new_tokens,
+        temperature=rc.temperature,
+        top_p=rc.top_p,
+        mix_alpha=mix_alpha,
+    )
+    return merge_rollouts(parts, ctx.pad_id)
 
 
-def learner_logprobs(learners, batch: SequenceBatch) -> torch.Tensor:
+def learner_logprobs(learners: LearnerGroup, batch: SequenceBatch) -> torch.Tensor:
     """``log q_old`` of the sampled tokens under the learners' current weights."""
-    tensors = batch_tensors(batch)
-    shards = to_micro_batches(tensors, len(learners), 1)
-    parts = learners.call_per_rank("forward_logprobs", [(s[0],) for s in shards])
+    shards = to_micro_batches(batch_tensors(batch), len(learners), 1)
+    parts = learners.forward_logprobs([s[0] for s in shards])
     out = torch.zeros_like(batch.loss_mask)
     row = 0
     for p in parts:
@@ -299,5 +293,12 @@ def learner_logprobs(learners, batch: SequenceBatch) -> torch.Tensor:
 
 
 def split_batch(batch: SequenceBatch, n: int) -> list[SequenceBatch]:
+    """At most ``n`` contiguous non-empty row shards of ``batch``."""
     rows = list(range(len(batch)))
     return [batch.select(list(r)) for r in shard(rows, n) if len(r)]
+
+
+def scored_logprobs(scorers: RoleGroup, batch: SequenceBatch) -> torch.Tensor:
+    """``log p(y_t)`` of every given token under the scorers' model, ``[B, T]`` (0 off the
+    loss mask); rows sharded over the scorers (fewer rows than scorers is fine)."""
+    return torch.cat(scorers.map("token_logprobs", split_batch(batch, len(scorers))))

@@ -26,19 +26,18 @@ Loop: build learners (+ colocated teachers) -> for step: batch -> train -> check
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
 
 from raykd.algorithms.common import (
     StageContext,
+    StageRoles,
     dataset_batch,
     example_stream,
     finish,
     global_batch_size,
-    make_learners,
-    mean_metrics,
+    maybe_checkpoint,
     resume,
     to_micro_batches,
 )
@@ -148,64 +147,43 @@ def dense_kd_loss(
     return loss, metrics
 
 
-def _check(kc) -> None:
-    if kc.objective not in OBJECTIVES:
-        raise ValueError(f"dense_kd.objective={kc.objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if kc.hidden_kind not in HIDDEN_KINDS:
-        raise ValueError(
-            f"dense_kd.hidden_kind={kc.hidden_kind!r}; valid: {', '.join(HIDDEN_KINDS)}"
-        )
-
-
 def run(ctx: StageContext) -> dict:
-    cfg, kc = ctx.cfg, ctx.cfg.dense_kd
-    _check(kc)
+    cfg, kc = ctx.cfg, ctx.params
     t0 = time.time()
     schedule = TAIDSchedule(kc.taid_t_start, kc.taid_t_end, total_steps=kc.steps)
 
-    # 1. Learners with the teacher(s) colocated, resumed from the stage checkpoint if any.
-    teachers = [ctx.teacher_path, *kc.extra_teachers]
-    extra = {"teachers": teachers, "hidden_projection": kc.hidden_weight > 0}
-    learners = make_learners(ctx, ctx.student_in, kc.lr, extra=extra)
-    start = resume(ctx, learners)
-    ckpt_dir = ctx.rundir.checkpoint_dir(ctx.stage)
-    if start:
-        state = json.loads((ckpt_dir / "raykd_state.json").read_text())
+    with StageRoles(ctx) as roles:
+        # 1. Learners with the teacher(s) colocated, resumed from the stage checkpoint if any
+        #    (TAID's t trajectory rides in the checkpoint's client state).
+        teachers = [ctx.teacher_path, *kc.extra_teachers]
+        extra = {"teachers": teachers, "hidden_projection": kc.hidden_weight > 0}
+        learners = roles.learners(ctx.student_in, kc.lr, extra=extra)
+        start, state = resume(ctx, learners)
         if state.get("taid"):
             schedule.load_state_dict(state["taid"])
-    loss_kwargs = dict(
-        objective=kc.objective,
-        alpha=kc.alpha,
-        temperature=kc.temperature,
-        divergence=kc.divergence,
-        divergence_kwargs=dict(kc.divergence_kwargs),
-        hidden_weight=kc.hidden_weight,
-        hidden_kind=kc.hidden_kind,
-        chunk_size=cfg.learner.loss_chunk_size,
-    )
-
-    # 2. Train.
-    metrics: dict = {}
-    every = cfg.pipeline.checkpoint_every
-    stream = example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start)
-    for step, examples in stream:
-        if step >= kc.steps:
-            break
-        tensors = dataset_batch(examples, ctx.pad_id)
-        shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
-        metrics = mean_metrics(
-            learners.call_per_rank(
-                "train_step",
-                [(s, dense_kd_loss) for s in shards],
-                taid_t=schedule.t,
-                **loss_kwargs,
-            )
+        loss_kwargs = dict(
+            objective=kc.objective,
+            alpha=kc.alpha,
+            temperature=kc.temperature,
+            divergence=kc.divergence,
+            divergence_kwargs=dict(kc.divergence_kwargs),
+            hidden_weight=kc.hidden_weight,
+            hidden_kind=kc.hidden_kind,
+            chunk_size=cfg.learner.loss_chunk_size,
         )
-        if kc.objective == "taid":
-            schedule.step(metrics["kd"])  # t for the next step
-        ctx.log(step + 1, kc.steps, metrics, t0)
-        if every and (step + 1) % every == 0 and step + 1 < kc.steps:
-            state = {"step": step + 1, "taid": schedule.state_dict()}
-            learners.call("save_checkpoint", str(ckpt_dir), state)
 
-    return finish(ctx, learners, kc.steps, t0, metrics)
+        # 2. Train.
+        metrics: dict = {}
+        stream = example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start)
+        for step, examples in stream:
+            if step >= kc.steps:
+                break
+            tensors = dataset_batch(examples, ctx.pad_id)
+            shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
+            metrics = learners.train_step(shards, dense_kd_loss, taid_t=schedule.t, **loss_kwargs)
+            if kc.objective == "taid":
+                schedule.step(metrics["kd"])  # t for the next step
+            ctx.log(step + 1, kc.steps, metrics, t0)
+            maybe_checkpoint(ctx, learners, step + 1, kc.steps, {"taid": schedule.state_dict()})
+
+        return finish(ctx, learners, kc.steps, t0, metrics)

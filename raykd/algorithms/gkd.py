@@ -29,25 +29,20 @@ from __future__ import annotations
 import random
 import time
 
-import ray
 import torch
 
 from raykd.algorithms.common import (
     StageContext,
+    StageRoles,
     batch_tensors,
     dataset_batch,
     example_stream,
     finish,
     global_batch_size,
-    make_learners,
-    make_rollouts,
-    make_scorers,
     maybe_checkpoint,
-    mean_metrics,
     resume,
     sample_rollouts,
     split_batch,
-    sync_weights,
     to_micro_batches,
 )
 from raykd.batch import SequenceBatch, scatter_topk
@@ -85,8 +80,8 @@ def fresh_targets(
 
     Positions off the loss mask hold a valid filler distribution that no loss reads."""
     parts = split_batch(batch, len(scorers))
-    refs = [a.topk_targets.remote(b, k, temperature) for a, b in zip(scorers.actors, parts)]
-    per_example = [t for part in ray.get(refs) for t in part]
+    per_example = [t for part in scorers.map("topk_targets", parts, k=k, temperature=temperature)
+                   for t in part]  # fmt: skip
     return scatter_topk(per_example, batch.loss_mask, k, batch.uids)
 
 
@@ -94,62 +89,57 @@ OFF_POLICY = ("dataset", "teacher")
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, gc = ctx.cfg, ctx.cfg.gkd
-    if not 0.0 <= gc.lmbda <= 1.0:
-        raise ValueError(f"gkd.lmbda must be in [0, 1], got {gc.lmbda}")
-    if gc.off_policy not in OFF_POLICY:
-        raise ValueError(f"gkd.off_policy={gc.off_policy!r}; expected one of {list(OFF_POLICY)}")
+    cfg, gc = ctx.cfg, ctx.params
     teacher_samples = gc.off_policy == "teacher" and gc.lmbda < 1
     t0 = time.time()
     k = cfg.teacher.top_k
 
-    # 1. Roles: learners (resumed if a checkpoint exists), samplers, teacher scorers.
-    learners = make_learners(ctx, ctx.student_in, gc.lr)
-    start = resume(ctx, learners)
-    rollouts = make_rollouts(cfg, ctx.student_in) if gc.lmbda > 0 else None
-    if rollouts is not None and start:
-        sync_weights(learners, rollouts)
-    teacher_rollouts = make_rollouts(cfg, ctx.teacher_path) if teacher_samples else None
-    scorers = make_scorers(ctx)
-    cache = TopKCache(cfg.teacher.cache_dir, ctx.teacher_path, k, gc.temperature)
-    loss_kwargs = dict(
-        beta=gc.beta, temperature=gc.temperature, chunk_size=cfg.learner.loss_chunk_size
-    )
-
-    # 2. Train.
-    metrics: dict = {}
-    for step, examples in example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start):
-        if step >= gc.steps:
-            break
-        on_policy = is_on_policy(cfg.run.seed, step, gc.lmbda)
-        # Responses and teacher targets: the student's or the teacher's samples (scored now)
-        # or the dataset's responses (scored once, then cached).
-        if on_policy or teacher_samples:
-            sampler = rollouts if on_policy else teacher_rollouts
-            seed = cfg.run.seed * 1000 + step
-            batch = sample_rollouts(ctx, sampler, examples, seed=seed).batch
-            tensors = batch_tensors(batch)
-            targets = fresh_targets(scorers, batch, k, gc.temperature)
-        else:
-            cache.fill(examples, scorers, ctx.pad_id, cfg.teacher.batch_size)
-            tensors = dataset_batch(examples, ctx.pad_id)
-            targets = cache.dense(examples, tensors["loss_mask"])
-        tensors["topk_logprobs"], tensors["topk_indices"] = targets
-        shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
-        metrics = mean_metrics(
-            learners.call_per_rank("train_step", [(s, gkd_loss) for s in shards], **loss_kwargs)
+    with StageRoles(ctx) as roles:
+        # 1. Roles: learners (resumed if a checkpoint exists), samplers, teacher scorers.
+        learners = roles.learners(ctx.student_in, gc.lr)
+        start, _ = resume(ctx, learners)
+        samplers = roles.samplers(ctx.student_in) if gc.lmbda > 0 else None
+        if samplers is not None and start:
+            learners.sync_weights(samplers)
+        teacher_samplers = (
+            roles.samplers(ctx.teacher_path, slot="teacher_rollout") if teacher_samples else None
         )
-        # The samplers follow the student.
-        if rollouts is not None:
-            sync_weights(learners, rollouts)
-        mask = tensors["loss_mask"]
-        metrics.update(
-            on_policy=float(on_policy), response_tokens=float(mask.sum() / mask.shape[0])
+        scorers = roles.scorers()
+        cache = TopKCache(cfg.teacher.cache_dir, ctx.teacher_path, k, gc.temperature)
+        loss_kwargs = dict(
+            beta=gc.beta, temperature=gc.temperature, chunk_size=cfg.learner.loss_chunk_size
         )
-        ctx.log(step + 1, gc.steps, metrics, t0)
-        maybe_checkpoint(ctx, learners, step + 1, gc.steps)
 
-    for group in (rollouts, teacher_rollouts, scorers):
-        if group is not None:
-            group.shutdown()
-    return finish(ctx, learners, gc.steps, t0, metrics)
+        # 2. Train.
+        metrics: dict = {}
+        stream = example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start)
+        for step, examples in stream:
+            if step >= gc.steps:
+                break
+            on_policy = is_on_policy(cfg.run.seed, step, gc.lmbda)
+            # Responses and teacher targets: the student's or the teacher's samples (scored
+            # now) or the dataset's responses (scored once, then cached).
+            if on_policy or teacher_samples:
+                sampler = samplers if on_policy else teacher_samplers
+                seed = cfg.run.seed * 1000 + step
+                batch = sample_rollouts(ctx, sampler, examples, seed=seed).batch
+                tensors = batch_tensors(batch)
+                targets = fresh_targets(scorers, batch, k, gc.temperature)
+            else:
+                cache.fill(examples, scorers, ctx.pad_id, cfg.teacher.batch_size)
+                tensors = dataset_batch(examples, ctx.pad_id)
+                targets = cache.dense(examples, tensors["loss_mask"])
+            tensors["topk_logprobs"], tensors["topk_indices"] = targets
+            shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
+            metrics = learners.train_step(shards, gkd_loss, **loss_kwargs)
+            # The samplers follow the student.
+            if samplers is not None:
+                metrics.update(learners.sync_weights(samplers))
+            mask = tensors["loss_mask"]
+            metrics.update(
+                on_policy=float(on_policy), response_tokens=float(mask.sum() / mask.shape[0])
+            )
+            ctx.log(step + 1, gc.steps, metrics, t0)
+            maybe_checkpoint(ctx, learners, step + 1, gc.steps)
+
+        return finish(ctx, learners, gc.steps, t0, metrics)

@@ -30,20 +30,16 @@ import torch
 
 from raykd.algorithms.common import (
     StageContext,
+    StageRoles,
     batch_tensors,
     dataset_batch,
     example_stream,
     finish,
     learner_logprobs,
-    make_learners,
-    make_rollouts,
-    make_scorers,
     maybe_checkpoint,
-    mean_metrics,
     resume,
     sample_rollouts,
-    split_batch,
-    sync_weights,
+    scored_logprobs,
     to_micro_batches,
 )
 from raykd.batch import token_logprobs
@@ -101,81 +97,73 @@ def reverse_kl_pg_loss(
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, oc = ctx.cfg, ctx.cfg.reverse_kl
+    cfg, oc = ctx.cfg, ctx.params
     t0 = time.time()
     mixing, single_step = oc.mix_alpha > 0, oc.single_step_coef > 0
-    extra = {"teachers": [ctx.teacher_path]} if single_step else None
-    learners = make_learners(ctx, ctx.student_in, oc.lr, extra=extra)
-    start = resume(ctx, learners)
-    rollouts = make_rollouts(cfg, ctx.student_in, mix_teacher=ctx.teacher_path if mixing else None)
-    if start:
-        sync_weights(learners, rollouts)
-    scorers = None if mixing else make_scorers(ctx)  # the mixing samplers score y themselves
-    grad_accum, world = cfg.learner.grad_accum, len(learners)
-    lm_stream = example_stream(ctx.train, oc.prompts_per_step, cfg.run.seed + 1, start)
-    loss_kwargs = dict(
-        clip_eps=oc.clip_eps,
-        lm_coef=oc.lm_coef,
-        single_step_coef=oc.single_step_coef,
-        chunk_size=cfg.learner.loss_chunk_size,
-    )
+    with StageRoles(ctx) as roles:
+        # 0. Roles: learners (+ the teacher colocated for L_SS), samplers (+ the teacher for
+        #    mixed sampling), teacher scorers unless the mixing samplers score y themselves.
+        extra = {"teachers": [ctx.teacher_path]} if single_step else None
+        learners = roles.learners(ctx.student_in, oc.lr, extra=extra)
+        start, _ = resume(ctx, learners)
+        samplers = roles.samplers(ctx.student_in, ctx.teacher_path if mixing else None)
+        if start:
+            learners.sync_weights(samplers)
+        scorers = None if mixing else roles.scorers()
+        grad_accum, world = cfg.learner.grad_accum, len(learners)
+        lm_stream = example_stream(ctx.train, oc.prompts_per_step, cfg.run.seed + 1, start)
+        loss_kwargs = dict(
+            clip_eps=oc.clip_eps,
+            lm_coef=oc.lm_coef,
+            single_step_coef=oc.single_step_coef,
+            chunk_size=cfg.learner.loss_chunk_size,
+        )
 
-    metrics: dict = {}
-    for step, examples in example_stream(ctx.train, oc.prompts_per_step, cfg.run.seed, start):
-        if step >= oc.steps:
-            break
-        # 1. Sample from the current student (or from its mixture with the teacher).
-        seed = cfg.run.seed * 1000 + step
-        rollout = sample_rollouts(ctx, rollouts, examples, seed=seed, mix_alpha=oc.mix_alpha)
-        batch, mask = rollout.batch, rollout.batch.loss_mask
-        # 2. Score: old policy log-probs (learner) and teacher log-probs (sampler or scorer).
-        old_lp = learner_logprobs(learners, batch)
-        if mixing:
-            teacher_lp = rollout.teacher_logprobs
-        else:
-            shards = [(b,) for b in split_batch(batch, len(scorers))]
-            teacher_lp = torch.cat(scorers.call_per_rank("token_logprobs", shards))
-        # 3. Rewards, returns, advantages, importance weights (controller side: [B, T]).
-        rewards = minillm_rewards(teacher_lp, old_lp, mask)
-        returns = discounted_returns(
-            rewards, mask, gamma=oc.gamma, length_normalize=oc.length_normalize
-        )
-        adv = minillm_advantages(
-            returns, mask, future_only=single_step, whiten_advantages=oc.whiten
-        )
-        tensors = {**batch_tensors(batch), "old_logprobs": old_lp, "advantages": adv}
-        if mixing:
-            weights = teacher_mixed_importance_weights(
-                old_lp, teacher_lp, oc.mix_alpha, max_weight=oc.max_importance_weight
+        metrics: dict = {}
+        for step, examples in example_stream(ctx.train, oc.prompts_per_step, cfg.run.seed, start):
+            if step >= oc.steps:
+                break
+            # 1. Sample from the current student (or from its mixture with the teacher).
+            seed = cfg.run.seed * 1000 + step
+            rollout = sample_rollouts(ctx, samplers, examples, seed=seed, mix_alpha=oc.mix_alpha)
+            batch, mask = rollout.batch, rollout.batch.loss_mask
+            # 2. Score: old policy log-probs (learner) and teacher log-probs (sampler/scorer).
+            old_lp = learner_logprobs(learners, batch)
+            teacher_lp = rollout.teacher_logprobs if mixing else scored_logprobs(scorers, batch)
+            # 3. Rewards, returns, advantages, importance weights (controller side: [B, T]).
+            rewards = minillm_rewards(teacher_lp, old_lp, mask)
+            returns = discounted_returns(
+                rewards, mask, gamma=oc.gamma, length_normalize=oc.length_normalize
             )
-            tensors["weights"] = weights * mask
-        # 4. Clipped policy-gradient updates (+ single-step term, + LM term on the dataset).
-        _, lm_examples = next(lm_stream)
-        lm = dataset_batch(lm_examples, ctx.pad_id)
-        tensors.update({f"lm_{k}": v for k, v in lm.items()})
-        for _ in range(oc.ppo_epochs):
-            shards = to_micro_batches(tensors, world, grad_accum)
-            metrics = mean_metrics(
-                learners.call_per_rank(
-                    "train_step", [(s, reverse_kl_pg_loss) for s in shards], **loss_kwargs
+            adv = minillm_advantages(
+                returns, mask, future_only=single_step, whiten_advantages=oc.whiten
+            )
+            tensors = {**batch_tensors(batch), "old_logprobs": old_lp, "advantages": adv}
+            if mixing:
+                weights = teacher_mixed_importance_weights(
+                    old_lp, teacher_lp, oc.mix_alpha, max_weight=oc.max_importance_weight
                 )
+                tensors["weights"] = weights * mask
+            # 4. Clipped policy-gradient updates (+ single-step term, + LM term on the data).
+            _, lm_examples = next(lm_stream)
+            lm = dataset_batch(lm_examples, ctx.pad_id)
+            tensors.update({f"lm_{k}": v for k, v in lm.items()})
+            for _ in range(oc.ppo_epochs):
+                shards = to_micro_batches(tensors, world, grad_accum)
+                metrics = learners.train_step(shards, reverse_kl_pg_loss, **loss_kwargs)
+            # 5. Push the new weights to the samplers.
+            metrics.update(learners.sync_weights(samplers))
+            n_tok = mask.sum().clamp_min(1.0)
+            metrics.update(
+                reward=float((rewards * mask).sum() / n_tok),
+                # sum_t (log q - log p_T) per sequence: the reverse KL estimate
+                reverse_kl=float(-(rewards * mask).sum() / mask.shape[0]),
+                response_tokens=float(n_tok / mask.shape[0]),
+                sampler_mismatch=float(((rollout.logprobs - old_lp).abs() * mask).sum() / n_tok),
             )
-        # 5. Push the new weights to the samplers.
-        sync_weights(learners, rollouts)
-        n_tok = mask.sum().clamp_min(1.0)
-        metrics.update(
-            reward=float((rewards * mask).sum() / n_tok),
-            # sum_t (log q - log p_T) per sequence: the reverse KL estimate (student samples)
-            reverse_kl=float(-(rewards * mask).sum() / mask.shape[0]),
-            response_tokens=float(n_tok / mask.shape[0]),
-            sampler_mismatch=float(((rollout.logprobs - old_lp).abs() * mask).sum() / n_tok),
-        )
-        if mixing:
-            metrics["importance_weight"] = float(masked_mean(tensors["weights"], mask))
-        ctx.log(step + 1, oc.steps, metrics, t0)
-        maybe_checkpoint(ctx, learners, step + 1, oc.steps)
+            if mixing:
+                metrics["importance_weight"] = float(masked_mean(tensors["weights"], mask))
+            ctx.log(step + 1, oc.steps, metrics, t0)
+            maybe_checkpoint(ctx, learners, step + 1, oc.steps)
 
-    rollouts.shutdown()
-    if scorers is not None:
-        scorers.shutdown()
-    return finish(ctx, learners, oc.steps, t0, metrics)
+        return finish(ctx, learners, oc.steps, t0, metrics)

@@ -21,17 +21,13 @@ from __future__ import annotations
 import json
 import time
 
-from raykd.algorithms.common import (
-    StageContext,
-    make_rollouts,
-    sample_rollouts,
-)
+from raykd.algorithms.common import StageContext, StageRoles, sample_rollouts
 from raykd.algorithms.supervised import train_cross_entropy
+from raykd.atomic import atomic_write_text
 from raykd.batch import Example
 from raykd.data import prompt_only
 from raykd.data.records import TaskRecord
 from raykd.models import load_tokenizer
-from raykd.pipeline.rundir import atomic_write_text
 
 
 def teacher_prompts(ctx: StageContext, instruction: str) -> list[Example]:
@@ -52,16 +48,16 @@ def teacher_prompts(ctx: StageContext, instruction: str) -> list[Example]:
 
 def teacher_samples(ctx: StageContext) -> list[Example]:
     """``samples_per_prompt`` teacher responses per training prompt (cached in the run dir)."""
-    cfg, sc = ctx.cfg, ctx.cfg.seqkd
+    cfg, sc = ctx.cfg, ctx.params
     path = ctx.rundir.path("data", f"{ctx.stage}-teacher_samples.jsonl")
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         return [Example(r["uid"], r["prompt_ids"], r["response_ids"]) for r in rows]
     prompts = teacher_prompts(ctx, sc.teacher_instruction)
-    rollouts = make_rollouts(cfg, ctx.teacher_path)
     out: list[Example] = []
     teacher_ids: list[list[int]] = []
-    try:
+    with StageRoles(ctx) as roles:
+        rollouts = roles.samplers(ctx.teacher_path)
         for n in range(sc.samples_per_prompt):
             batch_size = cfg.rollout.batch_size * len(rollouts)
             for start in range(0, len(ctx.train), batch_size):
@@ -75,8 +71,6 @@ def teacher_samples(ctx: StageContext) -> list[Example]:
             print(
                 f"[{ctx.stage}] teacher sample {n + 1}/{sc.samples_per_prompt} written", flush=True
             )
-    finally:
-        rollouts.shutdown()
     lines = [
         json.dumps(
             {
@@ -93,7 +87,7 @@ def teacher_samples(ctx: StageContext) -> list[Example]:
 
 
 def run(ctx: StageContext) -> dict:
-    sc = ctx.cfg.seqkd
+    sc = ctx.params
     t0 = time.time()
     samples = teacher_samples(ctx)
     ctx.rundir.log(ctx.stage, 0, {"teacher_samples": len(samples)})

@@ -10,13 +10,12 @@ import time
 
 from raykd.algorithms.common import (
     StageContext,
+    StageRoles,
     dataset_batch,
     example_stream,
     finish,
     global_batch_size,
-    make_learners,
     maybe_checkpoint,
-    mean_metrics,
     resume,
     to_micro_batches,
 )
@@ -36,22 +35,22 @@ def train_cross_entropy(
 ) -> dict:
     """Fine-tune the stage's student on ``examples`` by cross-entropy for ``steps`` steps."""
     cfg = ctx.cfg
-    learners = make_learners(ctx, ctx.student_in, lr)
-    start = resume(ctx, learners)
-    metrics: dict = {}
-    for step, batch in example_stream(examples, global_batch_size(cfg), cfg.run.seed, start):
-        if step >= steps:
-            break
-        shards = to_micro_batches(
-            dataset_batch(batch, ctx.pad_id), len(learners), cfg.learner.grad_accum
-        )
-        metrics = mean_metrics(
-            learners.call_per_rank("train_step", [(s, sft_loss) for s in shards])
-        )
-        ctx.log(step + 1, steps, metrics, t0)
-        maybe_checkpoint(ctx, learners, step + 1, steps)
-    return finish(ctx, learners, steps, t0, metrics)
+    with StageRoles(ctx) as roles:
+        learners = roles.learners(ctx.student_in, lr)
+        start, _ = resume(ctx, learners)
+        metrics: dict = {}
+        stream = example_stream(examples, global_batch_size(cfg), cfg.run.seed, start)
+        for step, batch in stream:
+            if step >= steps:
+                break
+            shards = to_micro_batches(
+                dataset_batch(batch, ctx.pad_id), len(learners), cfg.learner.grad_accum
+            )
+            metrics = learners.train_step(shards, sft_loss)
+            ctx.log(step + 1, steps, metrics, t0)
+            maybe_checkpoint(ctx, learners, step + 1, steps)
+        return finish(ctx, learners, steps, t0, metrics)
 
 
 def run(ctx: StageContext) -> dict:
-    return train_cross_entropy(ctx, ctx.train, ctx.cfg.sft.steps, ctx.cfg.sft.lr, time.time())
+    return train_cross_entropy(ctx, ctx.train, ctx.params.steps, ctx.params.lr, time.time())

@@ -25,14 +25,12 @@ from itertools import islice
 
 from raykd.algorithms.common import (
     StageContext,
+    StageRoles,
     dataset_batch,
     example_stream,
     finish,
     global_batch_size,
-    make_learners,
-    make_scorers,
     maybe_checkpoint,
-    mean_metrics,
     resume,
     to_micro_batches,
 )
@@ -58,63 +56,62 @@ def kd_loss(model, mb, *, alpha, temperature, divergence, divergence_kwargs, chu
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, kc = ctx.cfg, ctx.cfg.word_kd
+    cfg, kc = ctx.cfg, ctx.params
     t0 = time.time()
-
-    # 1. Teacher targets, once per example (cached across epochs, runs and trials): all of
-    #    them before training, or lazily, `lookahead` steps ahead of the learner.
-    cache = TopKCache(cfg.teacher.cache_dir, ctx.teacher_path, cfg.teacher.top_k, kc.temperature)
-    lookahead = cfg.teacher.prefetch_steps
-    scorers, prefetch = None, None
-    stats = {"cached": len(ctx.train), "scored": 0, "seconds": 0.0}
-    if lookahead <= 0 and not all(cache.has(ex) for ex in ctx.train):
-        scorers = make_scorers(ctx)
-        stats = cache.fill(ctx.train, scorers, ctx.pad_id, cfg.teacher.batch_size)
-        scorers.shutdown()
-
-    # 2. Learners (resumed from the stage checkpoint if any) and the batches still to train.
-    learners = make_learners(ctx, ctx.student_in, kc.lr)
-    start = resume(ctx, learners)
-    stream = example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start)
-    plan = [examples for _, examples in islice(stream, max(0, kc.steps - start))]
-    if lookahead > 0:
-        needed = [ex for batch in plan for ex in batch]
-        stats["cached"] = len({cache.key(ex) for ex in needed})
-        if not all(cache.has(ex) for ex in needed):
-            scorers = make_scorers(ctx)
-            prefetch = TargetPrefetcher(cache, scorers, ctx.pad_id, cfg.teacher.batch_size)
-    ctx.rundir.log(ctx.stage, 0, {"teacher_targets_scored": stats["scored"], **stats})
-
-    # 3. Train.
-    loss_kwargs = dict(
-        alpha=kc.alpha,
-        temperature=kc.temperature,
-        divergence=kc.divergence,
-        divergence_kwargs=dict(kc.divergence_kwargs),
-        chunk_size=cfg.learner.loss_chunk_size,
-    )
-    metrics: dict = {}
-    for i, examples in enumerate(plan):
-        step = start + i
-        if prefetch is not None:
-            for ahead in plan[i + 1 : i + 1 + lookahead]:
-                prefetch.submit(ahead)  # queued behind this step's batch on the scorers
-            prefetch.wait(examples)
-        tensors = dataset_batch(examples, ctx.pad_id)
-        tensors["topk_logprobs"], tensors["topk_indices"] = cache.dense(
-            examples, tensors["loss_mask"]
+    with StageRoles(ctx) as roles:
+        # 1. Teacher targets, once per example (cached across epochs, runs and trials): all of
+        #    them before training, or lazily, `lookahead` steps ahead of the learner.
+        cache = TopKCache(
+            cfg.teacher.cache_dir, ctx.teacher_path, cfg.teacher.top_k, kc.temperature
         )
-        shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
-        metrics = mean_metrics(
-            learners.call_per_rank("train_step", [(s, kd_loss) for s in shards], **loss_kwargs)
-        )
-        if prefetch is not None:
-            metrics["teacher_wait_seconds"] = round(prefetch.wait_seconds, 2)
-        ctx.log(step + 1, kc.steps, metrics, t0)
-        maybe_checkpoint(ctx, learners, step + 1, kc.steps)
+        lookahead = cfg.teacher.prefetch_steps
+        prefetch = None
+        stats = {"cached": len(ctx.train), "scored": 0, "seconds": 0.0}
+        if lookahead <= 0 and not all(cache.has(ex) for ex in ctx.train):
+            with roles.scorers() as scorers:  # freed before the learners start
+                stats = cache.fill(ctx.train, scorers, ctx.pad_id, cfg.teacher.batch_size)
 
-    if prefetch is not None:
-        stats = {"cached": stats["cached"] - prefetch.scored, "scored": prefetch.scored,
-                 "seconds": round(prefetch.wait_seconds, 1)}  # fmt: skip
-        scorers.shutdown()
-    return {**finish(ctx, learners, kc.steps, t0, metrics), "teacher_targets": stats}
+        # 2. Learners (resumed from the stage checkpoint if any) and the batches to train.
+        learners = roles.learners(ctx.student_in, kc.lr)
+        start, _ = resume(ctx, learners)
+        stream = example_stream(ctx.train, global_batch_size(cfg), cfg.run.seed, start)
+        plan = [examples for _, examples in islice(stream, max(0, kc.steps - start))]
+        if lookahead > 0:
+            needed = [ex for batch in plan for ex in batch]
+            stats["cached"] = len({cache.key(ex) for ex in needed})
+            if not all(cache.has(ex) for ex in needed):
+                prefetch = TargetPrefetcher(
+                    cache, roles.scorers(), ctx.pad_id, cfg.teacher.batch_size
+                )
+        ctx.rundir.log(ctx.stage, 0, {"teacher_targets_scored": stats["scored"], **stats})
+
+        # 3. Train.
+        loss_kwargs = dict(
+            alpha=kc.alpha,
+            temperature=kc.temperature,
+            divergence=kc.divergence,
+            divergence_kwargs=dict(kc.divergence_kwargs),
+            chunk_size=cfg.learner.loss_chunk_size,
+        )
+        metrics: dict = {}
+        for i, examples in enumerate(plan):
+            step = start + i
+            if prefetch is not None:
+                for ahead in plan[i + 1 : i + 1 + lookahead]:
+                    prefetch.submit(ahead)  # queued behind this step's batch on the scorers
+                prefetch.wait(examples)
+            tensors = dataset_batch(examples, ctx.pad_id)
+            tensors["topk_logprobs"], tensors["topk_indices"] = cache.dense(
+                examples, tensors["loss_mask"]
+            )
+            shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
+            metrics = learners.train_step(shards, kd_loss, **loss_kwargs)
+            if prefetch is not None:
+                metrics["teacher_wait_seconds"] = round(prefetch.wait_seconds, 2)
+            ctx.log(step + 1, kc.steps, metrics, t0)
+            maybe_checkpoint(ctx, learners, step + 1, kc.steps)
+
+        if prefetch is not None:
+            stats = {"cached": stats["cached"] - prefetch.scored, "scored": prefetch.scored,
+                     "seconds": round(prefetch.wait_seconds, 1)}  # fmt: skip
+        return {**finish(ctx, learners, kc.steps, t0, metrics), "teacher_targets": stats}

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from raykd.config.schema import RunConfig
+from raykd.config.stages import expand_stages
+from raykd.config.validate import validate_config
 
 
 class ConfigError(ValueError):
@@ -64,19 +66,34 @@ def _merge(base: DictConfig, source: str, update: DictConfig | dict) -> DictConf
         raise ConfigError(f"{source}: invalid config at '{key}': {_first_line(err)}") from None
 
 
+def _flat_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf (and every mapping) of a nested mapping."""
+    out: list[str] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            key = f"{prefix}{k}"
+            out.append(key)
+            out.extend(_flat_keys(v, key + "."))
+    return out
+
+
 def load_config(files: list[str | Path] | str | Path | None = None, overrides=()) -> RunConfig:
-    """Merge structured defaults <- YAML files (with their ``extends``) <- dotlist overrides.
+    """Merge structured defaults <- YAML files (with their ``extends``) <- dotlist overrides,
+    expand the stage shorthands, and validate everything (:mod:`raykd.config.validate`).
 
     Returns a read-only ``DictConfig`` typed as :class:`RunConfig` (attribute access works).
+    Raises :class:`ConfigError` listing every problem, each naming key, value and source.
     """
     if files is None:
         files = []
     elif isinstance(files, (str, Path)):
         files = [files]
     cfg = OmegaConf.structured(RunConfig)
+    origins: dict[str, str] = {}
     for f in files:
         for source, data in _read_yaml(Path(f), ()):
-            cfg = _merge(cfg, source, data)
+            cfg = _merge(_clear_other_form(cfg, data), source, data)
+            origins.update(dict.fromkeys(_flat_keys(data), source))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command-line override '{item}' is not of the form key=value")
@@ -85,57 +102,49 @@ def load_config(files: list[str | Path] | str | Path | None = None, overrides=()
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             msg = str(err).splitlines()[0]
             raise ConfigError(f"command-line override '{item}': {msg}") from None
-        cfg = _merge(cfg, f"command-line override '{item}'", dot)
-    validate(cfg)
+        source = f"command-line override '{item}'"
+        cfg = _merge(_clear_other_form(cfg, OmegaConf.to_container(dot)), source, dot)
+        origins.update(dict.fromkeys(_flat_keys(OmegaConf.to_container(dot)), source))
+    _expand_stages(cfg, origins)
+    problems = validate_config(cfg, origins)
+    if problems:
+        raise ConfigError("\n".join(problems))
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]
 
 
-_CHOICES = {
-    "student.init": ("from_teacher", "pretrained", "config"),
-    "student.rule": ("every_other", "first_last", "angular", "explicit"),
-    "student.trainable": ("all", "layers"),
-    "teacher.backend": ("hf", "vllm"),
-    "rollout.backend": ("hf", "vllm"),
-}
+def _clear_other_form(cfg: DictConfig, data: dict) -> DictConfig:
+    """A later source that gives the stages in one form replaces an earlier source's other
+    form (a file's ``pipeline.train`` and a command line's ``pipeline.stages``)."""
+    pipeline = data.get("pipeline") if isinstance(data, dict) else None
+    if isinstance(pipeline, dict):
+        if "stages" in pipeline and "train" not in pipeline:
+            cfg.pipeline.train = None
+        if "train" in pipeline and "stages" not in pipeline:
+            cfg.pipeline.stages = None
+    return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' = {value!r}; expected one of {list(choices)}")
-    from raykd.algorithms import ALGORITHMS  # late import: algorithms import config
-
-    for name in cfg.pipeline.train:
-        if name not in ALGORITHMS:
-            raise ConfigError(
-                f"config key 'pipeline.train' names unknown algorithm {name!r}; "
-                f"known: {sorted(ALGORITHMS)}"
-            )
-    if cfg.learner.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"config key 'learner.zero_stage' = {cfg.learner.zero_stage}; 0..3")
-    if cfg.student.init == "from_teacher" and cfg.student.rule == "explicit":
-        if not cfg.student.layers:
-            raise ConfigError("student.rule=explicit needs 'student.layers' (a list of indices)")
-    elif cfg.student.init == "from_teacher" and cfg.student.keep is None:
-        if cfg.student.rule != "every_other":
-            raise ConfigError(f"student.rule={cfg.student.rule} needs 'student.keep'")
-    if cfg.student.init == "pretrained" and not cfg.student.model:
-        raise ConfigError("student.init=pretrained needs 'student.model'")
-    rk = cfg.reverse_kl
-    if not 0.0 <= rk.mix_alpha < 1.0:
-        raise ConfigError(f"config key 'reverse_kl.mix_alpha' = {rk.mix_alpha}; must be in [0, 1)")
-    if rk.mix_alpha > 0 and (cfg.rollout.temperature != 1.0 or cfg.rollout.top_p != 1.0):
-        raise ConfigError(
-            "config key 'reverse_kl.mix_alpha' > 0 samples the teacher-student mixture at "
-            "temperature 1: set 'rollout.temperature' = 1.0 and 'rollout.top_p' = 1.0"
-        )
+def _expand_stages(cfg: DictConfig, origins: dict[str, str]) -> None:
+    """Replace the stage shorthands by the explicit ``pipeline.stages`` list (in place)."""
+    pc = cfg.pipeline
+    source = origins.get("pipeline.stages") or origins.get("pipeline.train")
+    source = source or origins.get("pipeline.finetune_teacher") or "defaults"
+    try:
+        stages = expand_stages(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    try:
+        pc.stages = stages
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: invalid 'pipeline.stages': {_first_line(err)}") from None
+    pc.train = None
+    pc.finetune_teacher = False
+    origins.setdefault("pipeline.stages", source)
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the fully resolved config (enough to reproduce the run)."""
-    from raykd.pipeline.rundir import atomic_write_text
+    from raykd.atomic import atomic_write_text
 
     atomic_write_text(Path(path), OmegaConf.to_yaml(cfg, resolve=True))

@@ -32,10 +32,12 @@ class TeacherConfig:
     # A hub name, a local HF directory, or a built-in offline name (smollm2-135m-instruct).
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
-    backend: str = "hf"  # hf | vllm (rollout-style teacher sampling)
+    backend: str = "hf"  # scorer backend: raykd.roles.backends.SCORERS
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    num_threads: Optional[int] = None  # torch threads per worker; None: cpus_per_worker, rounded up
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env of the workers
     top_k: int = 64  # top-k log-probs per position shipped to the learner (forward-KL targets)
     batch_size: int = 8
     cache_dir: Optional[str] = None  # teacher-target cache; default: ~/.cache/raykd/targets
@@ -75,6 +77,8 @@ class LearnerConfig:
     num_ranks: int = 1
     cpus_per_rank: float = 0.5
     gpus_per_rank: float = 0.0
+    num_threads: Optional[int] = None  # torch threads per rank; None: cpus_per_rank, rounded up
+    runtime_env: dict[str, Any] = field(default_factory=dict)
     zero_stage: int = 2
     lr: float = 5e-5
     weight_decay: float = 0.0
@@ -89,10 +93,15 @@ class LearnerConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf | vllm
+    backend: str = "hf"  # sampler backend: raykd.roles.backends.SAMPLERS
+    dtype: str = "float32"
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    num_threads: Optional[int] = None  # torch threads per worker; None: cpus_per_worker, rounded up
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # e.g. {py_executable: ...}
+    weight_sync: str = "object_store"  # learner -> samplers: raykd.roles.weight_sync.STRATEGIES
+    sync_bucket_mb: float = 64.0  # weights travel in (name, tensor) buckets of this size
     batch_size: int = 8
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -207,6 +216,10 @@ class GRPOConfig:
     # Optimizer steps per sampled batch (the paper's mu, TRL's num_iterations); > 1 reuses the
     # samples and is what the clip is for.
     ppo_epochs: int = 1
+    # Rewards run in process (0) or as this many Ray tasks per step; a step whose rewards take
+    # longer than reward_timeout_s fails with a message.
+    reward_tasks: int = 0
+    reward_timeout_s: Optional[float] = 600.0
     lr: Optional[float] = None
 
 
@@ -221,14 +234,32 @@ class EvalConfig:
 
 @dataclass
 class PipelineConfig:
-    # Training stages, in order; each names an algorithm in raykd.algorithms.ALGORITHMS.
-    train: list[str] = field(default_factory=lambda: ["word_kd", "reverse_kl"])
-    # Fine-tune the teacher first (SFT on the task's train split, `teacher_sft` section); the
+    # The stages, in order: each {name, algorithm, trains?, ...params}. `algorithm` names a
+    # section of this config (sft, word_kd, ...), whose values are the stage's defaults; the
+    # entry's other keys override them, so one algorithm may run twice with other settings.
+    # `trains: teacher` (sft only) fine-tunes the teacher before the student is cut from it.
+    # Default (neither stages nor train given): word_kd, then reverse_kl.
+    stages: Optional[list[dict[str, Any]]] = None
+    # Shorthand: a list of algorithm names, one stage each ("1-word_kd", "2-reverse_kl", ...).
+    train: Optional[list[str]] = None
+    # Shorthand: prepend a teacher SFT stage ("teacher-sft", `teacher_sft` section); the
     # fine-tuned teacher is then the one the student is cut from, distilled from and compared to.
     finetune_teacher: bool = False
     eval_teacher: bool = True
     eval_student_before: bool = True
     checkpoint_every: int = 20
+
+
+#: Stage algorithms and the config section that holds each one's defaults.
+STAGE_SECTIONS: dict[str, type] = {
+    "sft": SFTConfig,
+    "word_kd": WordKDConfig,
+    "dense_kd": DenseKDConfig,
+    "reverse_kl": OnPolicyConfig,
+    "seqkd": SeqKDConfig,
+    "gkd": GKDConfig,
+    "grpo": GRPOConfig,
+}
 
 
 @dataclass

@@ -9,8 +9,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import ray
-
 from raykd.batch import Example
 from raykd.evaluate.metrics import evaluate_predictions
 
@@ -25,25 +23,25 @@ def decode(
     temperature: float = 1.0,
     seed: int = 0,
 ) -> list[str]:
-    """Decode every example's prompt; batches are sorted by prompt length and spread over
-    the rollout workers; texts come back in the original order."""
+    """Decode every example's prompt; batches are sorted by prompt length and spread
+    round-robin over the rollout workers (all queued at once); texts come back in the
+    original order. Batch ``b`` is seeded ``seed + b``."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    calls = [
+        (([examples[i].prompt_ids for i in rows],), {"seed": seed + b_idx})
+        for b_idx, rows in enumerate(batches)
+    ]
+    outputs = rollouts.map_calls(
+        "generate_texts",
+        calls,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+    )
     texts: list[str | None] = [None] * len(examples)
-    workers = rollouts.actors
-    pending = {}  # all batches are queued at once; each actor works through its share
-    for b_idx, rows in enumerate(batches):
-        actor = workers[b_idx % len(workers)]
-        ref = actor.generate_texts.remote(
-            [examples[i].prompt_ids for i in rows],
-            max_new_tokens=max_new_tokens,
-            greedy=greedy,
-            temperature=temperature,
-            seed=seed + b_idx,
-        )
-        pending[ref] = rows
-    for ref, rows in pending.items():
-        for i, text in zip(rows, ray.get(ref)):
+    for rows, batch_texts in zip(batches, outputs):
+        for i, text in zip(rows, batch_texts):
             texts[i] = text
     return [t or "" for t in texts]
 

@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from raykd.atomic import atomic_write
 from raykd.evaluate.metrics import retention
-from raykd.pipeline.rundir import atomic_write
 
 TEACHER = "teacher"
 #: Models shown first, in this order; any other models follow in their given order.

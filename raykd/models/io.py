@@ -1,75 +1,22 @@
 """Saving models atomically, and measuring them.
 
 A directory written by :func:`save_model` is either absent, the complete old version or the
-complete new version: the model is written to a temporary sibling directory which is then
-renamed into place (a rename within one filesystem is atomic).
+complete new version (:mod:`raykd.atomic`: staged in a sibling directory, renamed into place).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["count_parameters", "model_size_mb", "publish_dir", "save_model", "staging_dir"]
+from raykd.atomic import publish_dir, staging_dir
+
+__all__ = ["count_parameters", "model_size_mb", "save_model"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-def _sibling(target: Path, tag: str) -> Path:
-    """A unique hidden path next to ``target`` (same filesystem, so renames are atomic)."""
-    return target.parent / f".{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-@contextlib.contextmanager
-def staging_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh empty directory next to ``target``; it is deleted if still there on exit."""
-    target = Path(target).expanduser().absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(target, "tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def publish_dir(staged: Path, target: str | os.PathLike[str], replace: bool) -> bool:
-    """Move the complete directory ``staged`` to ``target``.
-
-    If ``target`` exists and ``replace`` is false, nothing is moved and False is returned
-    (another writer won a race: its result is used). With ``replace``, the old directory is
-    renamed aside, the new one renamed in, and the old one deleted; if the second rename
-    fails the old directory is put back. Returns True when ``staged`` became ``target``.
-    """
-    target = Path(target).expanduser().absolute()
-    if not replace or not target.exists():
-        try:
-            os.rename(staged, target)  # fails if target is a non-empty directory or a file
-            return True
-        except OSError:
-            if not target.exists():
-                raise
-            if not replace:
-                return False
-    old = _sibling(target, "old")
-    os.rename(target, old)
-    try:
-        os.rename(staged, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
-    return True
 
 
 def save_model(

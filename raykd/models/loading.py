@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from raykd.models.io import publish_dir, staging_dir
+from raykd.atomic import publish_dir, staging_dir
 from raykd.models.tiny import build_tiny_model, build_tiny_tokenizer, from_config, tiny_llama_config
 
 __all__ = [

@@ -1,19 +1,24 @@
 """The pipeline: one config-driven job from teacher to evaluated, reported student.
 
-Stages, each skipped when its result is already in the run directory (so a killed run
-resumes where it stopped; a training stage resumes from its last checkpoint)::
+Steps, each skipped when its result is already in the run directory (so a killed run resumes
+where it stopped; a training stage resumes from its last checkpoint)::
 
     prepare   resolve the teacher, tokenise the task
-    teacher   optional: fine-tune the teacher (SFT, ``teacher_sft``); it then teaches
+    stages    ``pipeline.stages`` with ``trains: teacher`` (teacher SFT): the tuned teacher
+              then teaches, is cut into the student and is the reference of the report
     student   derive the student (layer subset of the teacher, or pretrained/config)
     eval      teacher and the untrained student on the eval split
-    train     each algorithm in ``pipeline.train`` in order (sft, word_kd, reverse_kl, ...)
+    stages    the student stages of ``pipeline.stages`` in order (sft, word_kd, grpo, ...)
     eval      the final student
     report    report.md / report.json / report.png
+
+:func:`run_pipeline` returns the results (metrics, model paths) and sends every logged step
+to a reporter callback (the console by default; a Tune trial passes its own).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -22,8 +27,10 @@ import torch
 from omegaconf import OmegaConf
 
 from raykd.algorithms import get_algorithm
-from raykd.algorithms.common import StageContext, make_rollouts
+from raykd.algorithms.common import Reporter, StageContext, console_reporter
+from raykd.atomic import atomic_write_json, recover_dir
 from raykd.config import save_config
+from raykd.config.stages import stage_params
 from raykd.data import load_task
 from raykd.evaluate.generation import evaluate_model
 from raykd.evaluate.report import write_report
@@ -38,8 +45,10 @@ from raykd.models import (
     save_model,
     select_layers,
 )
-from raykd.pipeline.rundir import RunDir, atomic_write_json, recover_dir
+from raykd.roles.factory import SlotPlacement, sampler_group
 from raykd.roles.runtime import init_ray
+from raykd.roles.target_cache import model_fingerprint
+from raykd.rundir import RunDir
 
 
 def stored_parameters(model_dir: str) -> int:
@@ -106,15 +115,12 @@ def build_student(cfg, teacher_path: str, calibration: list[str], out_dir: Path)
     return info
 
 
-def _evaluate(cfg, rundir: RunDir, label: str, model_path: str, task) -> dict:
+def _evaluate(cfg, rundir: RunDir, label: str, model_path: str, task, placement=None) -> dict:
     cached = rundir.path("eval", f"{label}.json")
     if cached.exists():
         return json.loads(cached.read_text())
-    rollouts = make_rollouts(cfg, model_path)
-    try:
+    with sampler_group(cfg, model_path, placement=placement) as rollouts:
         result = evaluate_model(rollouts, task.eval, task.kind, cfg.eval, label)
-    finally:
-        rollouts.shutdown()
     result["model_path"] = model_path
     result["size_mb"] = model_size_mb(model_path)
     result["params"] = stored_parameters(model_path)
@@ -122,34 +128,69 @@ def _evaluate(cfg, rundir: RunDir, label: str, model_path: str, task) -> dict:
     return result
 
 
-def _train_stage(
-    cfg, rundir: RunDir, stage: str, algo: str, model_in: str, teacher_path: str, task, tokenizer
-) -> tuple[dict, str]:
-    """Run (or skip, when done; or resume, when checkpointed) one training stage that trains
-    ``model_in`` with ``algo`` into ``models/<stage>``; return its summary and output dir."""
-    out = rundir.model_dir(stage)
+def stage_hash(cfg, stage: dict, params, model_in: str, teacher_path: str) -> str:
+    """Fingerprint of what a stage's result depends on: its parameters, the sections every
+    stage reads, its input model and teacher (weights), the data settings."""
+    sections = {k: OmegaConf.to_container(cfg[k], resolve=True)
+                for k in ("learner", "rollout", "teacher", "data", "student")}  # fmt: skip
+    payload = {
+        "stage": stage,
+        "params": OmegaConf.to_container(params, resolve=True),
+        "sections": sections,
+        "seed": cfg.run.seed,
+        "model_in": model_fingerprint(model_in),
+        "teacher": model_fingerprint(teacher_path),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+
+
+def _run_stage(
+    cfg, rundir: RunDir, stage: dict, model_in: str, teacher_path: str, task, tokenizer,
+    reporter: Reporter, placement: SlotPlacement | None,
+) -> tuple[dict, str]:  # fmt: skip
+    """Run (or skip, when done; or resume, when checkpointed) one stage that trains
+    ``model_in`` with the stage's algorithm into ``models/<name>``; return its summary and
+    output dir."""
+    name = stage["name"]
+    out = rundir.model_dir(name)
     recover_dir(out)
-    summary = rundir.stage_done(stage)
+    summary = rundir.stage_done(name)
     if summary is None or not out.exists():
-        print(f"[raykd] stage {stage} starting from {model_in}", flush=True)
+        print(f"[raykd] stage {name} ({stage['algorithm']}) starting from {model_in}", flush=True)
+        params = stage_params(cfg, stage)
         ctx = StageContext(
             cfg=cfg,
+            params=params,
             rundir=rundir,
-            stage=stage,
+            stage=name,
             student_in=model_in,
             student_out=str(out),
             teacher_path=teacher_path,
             train=task.train,
             pad_id=tokenizer.pad_token_id,
             tokenizer_path=teacher_path,
+            placement=placement,
+            reporter=reporter,
         )
-        summary = get_algorithm(algo)(ctx)
-        rundir.mark_done(stage, summary)
+        config_hash = stage_hash(cfg, stage, params, model_in, teacher_path)
+        summary = {**get_algorithm(stage["algorithm"])(ctx), "config_hash": config_hash}
+        rundir.mark_done(name, summary)
     return summary, str(out)
 
 
-def run_pipeline(cfg) -> Path:
-    """Run (or resume) every stage of ``cfg``; return the run directory."""
+def run_pipeline(
+    cfg, reporter: Reporter | None = None, placement: SlotPlacement | None = None
+) -> dict:
+    """Run (or resume) every stage of ``cfg``; return the results.
+
+    ``reporter(stage, step, total, metrics)`` receives every logged step (default: print);
+    ``placement`` puts every role into bundles reserved for the whole run (a Tune trial).
+    Results: ``run_dir``, ``task``, ``models`` (eval results by label), ``stages`` (summaries
+    by name), ``final_model``, ``report``, ``compression``, ``wall_seconds``.
+    """
+    reporter = reporter or console_reporter
     t_start = time.time()
     rundir = run_dir_for(cfg)
     save_config(cfg, rundir.path("config.yaml"))
@@ -177,15 +218,21 @@ def run_pipeline(cfg) -> Path:
         f"({task.stats.get('dropped', 0)} dropped as longer than {dc.max_length} tokens)",
         flush=True,
     )
+    stages = OmegaConf.to_container(cfg.pipeline.stages, resolve=True)
+    teacher_stages = [s for s in stages if s.get("trains") == "teacher"]
+    student_stages = [s for s in stages if s.get("trains", "student") == "student"]
 
-    # teacher fine-tuning (optional): from here on the fine-tuned teacher is "the teacher"
-    results = {"task": dc.task, "kind": task.kind, "models": {}, "stages": {}}
+    def run_stage(stage, model_in, teacher):
+        return _run_stage(
+            cfg, rundir, stage, model_in, teacher, task, tokenizer, reporter, placement
+        )
+
+    # teacher stages (fine-tuning): from here on the tuned teacher is "the teacher"
+    results: dict = {"task": dc.task, "kind": task.kind, "models": {}, "stages": {}}
     base_teacher = teacher_path
-    if cfg.pipeline.finetune_teacher:
-        teacher_cfg = OmegaConf.merge(cfg, {"sft": OmegaConf.to_container(cfg.teacher_sft)})
-        stage = "teacher-sft"
-        results["stages"][stage], teacher_path = _train_stage(
-            teacher_cfg, rundir, stage, "sft", teacher_path, base_teacher, task, tokenizer
+    for stage in teacher_stages:
+        results["stages"][stage["name"]], teacher_path = run_stage(
+            stage, teacher_path, base_teacher
         )
 
     # student
@@ -200,31 +247,27 @@ def run_pipeline(cfg) -> Path:
         rundir.mark_done("student", student_info)
     print(f"[raykd] student: {student_info.get('layers', student_info['init'])}", flush=True)
 
+    def evaluate(label, path):
+        return _evaluate(cfg, rundir, label, path, task, placement)
+
     if cfg.pipeline.eval_teacher:
         if teacher_path != base_teacher:
-            results["models"]["teacher_base"] = _evaluate(
-                cfg, rundir, "teacher_base", base_teacher, task
-            )
-        results["models"]["teacher"] = _evaluate(cfg, rundir, "teacher", teacher_path, task)
+            results["models"]["teacher_base"] = evaluate("teacher_base", base_teacher)
+        results["models"]["teacher"] = evaluate("teacher", teacher_path)
     if cfg.pipeline.eval_student_before:
-        results["models"]["student_before"] = _evaluate(
-            cfg, rundir, "student_before", str(student_dir), task
-        )
+        results["models"]["student_before"] = evaluate("student_before", str(student_dir))
 
-    # train
+    # student stages
     current = str(student_dir)
-    for i, algo in enumerate(cfg.pipeline.train):
-        stage = f"{i + 1}-{algo}"
-        results["stages"][stage], current = _train_stage(
-            cfg, rundir, stage, algo, current, teacher_path, task, tokenizer
-        )
+    for stage in student_stages:
+        results["stages"][stage["name"]], current = run_stage(stage, current, teacher_path)
 
-    if cfg.pipeline.train:
-        results["models"]["student_after"] = _evaluate(cfg, rundir, "student_after", current, task)
+    final = None
+    if student_stages:
+        results["models"]["student_after"] = evaluate("student_after", current)
         final = rundir.model_dir("final")
         if not final.exists():
             save_model(load_model(current), tokenizer, final)
-
     t_params = (student_info.get("teacher_params") or {}).get("total")
     s_params = (student_info.get("params") or {}).get("total")
     results["compression"] = {
@@ -244,4 +287,6 @@ def run_pipeline(cfg) -> Path:
     report = write_report(rundir.root, results, curves)
     rundir.close()
     print(f"[raykd] done in {results['wall_seconds']:.0f}s. Report: {report}", flush=True)
-    return rundir.root
+    results.update(run_dir=str(rundir.root), final_model=str(final) if final else None,
+                   report=str(report))  # fmt: skip
+    return results

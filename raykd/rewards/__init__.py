@@ -1,12 +1,21 @@
-"""Rewards for RL stages (GRPO): ``fn(prompt, completion, reference, **params) -> float``,
-registered by name in :data:`REWARDS`; :func:`combine` forms a weighted sum of named ones."""
+"""Rewards for RL stages (GRPO).
 
-from .simple import (
+A reward is a batch function ``fn(examples, completions, **params) -> list[float]`` registered
+by name in :data:`REWARDS` (:mod:`raykd.rewards.registry`); :func:`combine` forms a weighted
+sum of named ones. Text rewards of one completion live in :mod:`raykd.rewards.text`.
+"""
+
+from raykd.rewards.registry import (
     REWARDS,
-    RewardFn,
+    BatchReward,
+    WeightedRewards,
     combine,
-    format_reward,
     get_reward,
+    per_completion,
+    register_reward,
+)
+from raykd.rewards.text import (
+    format_reward,
     length_reward,
     reasoning_steps_reward,
     reference_overlap_reward,
@@ -14,11 +23,14 @@ from .simple import (
 
 __all__ = [
     "REWARDS",
-    "RewardFn",
+    "BatchReward",
+    "WeightedRewards",
     "combine",
     "format_reward",
     "get_reward",
     "length_reward",
+    "per_completion",
     "reasoning_steps_reward",
     "reference_overlap_reward",
+    "register_reward",
 ]

@@ -1,22 +1,47 @@
-"""A group of actors playing one role: placement, fan-out, sharding by rank, gathering."""
+"""A group of actors playing one role: placement, fan-out, sharding by rank, gathering.
+
+This module and its siblings in :mod:`raykd.roles` are the only code in raykd that talks to
+Ray: algorithms call methods on a :class:`RoleGroup` and get plain values back.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
-class RoleGroup:
-    """``num`` actors of ``actor_cls`` reserved together in one placement group.
+@dataclass
+class Placement:
+    """Where a group's actors go inside a placement group somebody else reserved (a Ray Tune
+    trial's ``PlacementGroupFactory``, say): one bundle index per actor. The group never
+    removes a placement group it did not create."""
 
-    ``make_args(rank)`` returns the constructor ``(args, kwargs)`` of rank ``rank``. Bundles are
-    packed (same node when they fit), so a learner group's gloo/NCCL ring stays local where it
-    can. Use :meth:`call` to run a method on every actor, :meth:`map_shards` to split a list of
-    items into contiguous rank shards and gather the results in the original order.
+    pg: PlacementGroup
+    bundle_indices: list[int] = field(default_factory=list)
+
+
+class RoleGroup:
+    """``num`` actors of ``actor_cls``, each in its own placement-group bundle.
+
+    ``make_args(rank)`` returns the constructor ``(args, kwargs)`` of rank ``rank``. Without
+    ``placement`` the group reserves its own placement group (bundles packed: same node when
+    they fit, so a learner group's gloo/NCCL ring stays local where it can) and removes it on
+    :meth:`shutdown`; with ``placement`` its actors go into the given bundles. ``runtime_env``
+    runs the actors in another environment (e.g. ``{"py_executable": ".venv-vllm/bin/python"}``
+    for an engine whose pins clash with the learners').
+
+    Fan-out: :meth:`call` (every actor, same arguments), :meth:`call_per_rank` (one argument
+    tuple per actor), :meth:`map` (a list of inputs of any length, one call per input,
+    round-robin over the actors, results in input order; :meth:`map_calls` with per-call
+    arguments), :meth:`map_shards` (contiguous rank
+    shards of a list, results flattened in item order), :meth:`submit` / :func:`gather` for
+    calls whose results are collected later. A group is a context manager: leaving the
+    ``with`` block (normally or by an exception) shuts it down.
     """
 
     def __init__(
@@ -29,30 +54,51 @@ class RoleGroup:
         make_args: Callable[[int], tuple[tuple, dict]] = lambda rank: ((), {}),
         name: str = "role",
         strategy: str = "PACK",
+        placement: Placement | None = None,
+        runtime_env: dict | None = None,
     ):
         if num < 1:
             raise ValueError(f"role group '{name}' needs at least one actor, got {num}")
         self.name = name
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy)
-        ray.get(self.pg.ready(), timeout=600)
+        self._own_pg = placement is None
+        if placement is None:
+            bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+            self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy)
+            ray.get(self.pg.ready(), timeout=600)
+            indices = list(range(num))
+        else:
+            if len(placement.bundle_indices) != num:
+                raise ValueError(
+                    f"role group '{name}': {num} actors but {len(placement.bundle_indices)} "
+                    "bundles reserved for them"
+                )
+            self.pg, indices = placement.pg, list(placement.bundle_indices)
         remote_cls = ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else actor_cls
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if runtime_env:
+            options["runtime_env"] = runtime_env
         self.actors = []
-        for rank in range(num):
+        self._next = 0  # round-robin cursor of submit()
+        for rank, index in enumerate(indices):
             args, kwargs = make_args(rank)
-            actor = remote_cls.options(
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank
-                ),
-                name=None,
-            ).remote(*args, **kwargs)
+            strategy_ = PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=index
+            )
+            actor = remote_cls.options(scheduling_strategy=strategy_, **options).remote(
+                *args, **kwargs
+            )
             self.actors.append(actor)
 
     def __len__(self) -> int:
         return len(self.actors)
 
+    def __enter__(self) -> RoleGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- fan-out ------------------------------------------------------------------------
     def call_async(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
@@ -64,33 +110,64 @@ class RoleGroup:
         return ray.get(getattr(self.actors[rank], method).remote(*args, **kwargs))
 
     def call_per_rank(self, method: str, per_rank_args: Sequence[tuple], **kwargs) -> list[Any]:
-        """Run ``method`` on each actor with its own positional arguments."""
+        """Run ``method`` on each actor with its own positional arguments (one tuple per
+        actor, exactly: a collective such as a train step needs every rank)."""
+        if len(per_rank_args) != len(self.actors):
+            raise ValueError(
+                f"role group '{self.name}': {len(per_rank_args)} argument tuples for "
+                f"{len(self.actors)} actors"
+            )
         refs = [
             getattr(a, method).remote(*args, **kwargs)
-            for a, args in zip(self.actors, per_rank_args, strict=True)
+            for a, args in zip(self.actors, per_rank_args)
+        ]
+        return ray.get(refs)
+
+    def submit(self, method: str, *args, **kwargs) -> ray.ObjectRef:
+        """Start one call on the next actor (round-robin); collect it with :func:`gather`.
+        Calls on one actor run in submission order."""
+        actor = self.actors[self._next % len(self.actors)]
+        self._next += 1
+        return getattr(actor, method).remote(*args, **kwargs)
+
+    def map(self, method: str, inputs: Sequence, **kwargs) -> list[Any]:
+        """One call per input (``method(input, **kwargs)``), input ``i`` on actor
+        ``i % len(self)``; results in input order. Fewer inputs than actors is fine."""
+        return self.map_calls(method, [((x,), {}) for x in inputs], **kwargs)
+
+    def map_calls(
+        self, method: str, calls: Sequence[tuple[tuple, dict]], **common_kwargs
+    ) -> list[Any]:
+        """Like :meth:`map` with each call's own ``(args, kwargs)`` (merged over
+        ``common_kwargs``)."""
+        refs = [
+            getattr(self.actors[i % len(self.actors)], method).remote(
+                *args, **{**common_kwargs, **kwargs}
+            )
+            for i, (args, kwargs) in enumerate(calls)
         ]
         return ray.get(refs)
 
     def map_shards(self, method: str, items: Sequence, **kwargs) -> list[Any]:
-        """Split ``items`` into ``len(self)`` contiguous shards, one per actor; each actor's
-        method takes its shard and returns a list of per-item results; results come back
-        flattened in the original item order."""
-        shards = shard(items, len(self.actors))
-        refs = [
-            getattr(a, method).remote(list(s), **kwargs)
-            for a, s in zip(self.actors, shards)
-            if len(s)
-        ]
-        out: list[Any] = []
-        for part in ray.get(refs):
-            out.extend(part)
-        return out
+        """Split ``items`` into ``len(self)`` contiguous shards, one per actor (empty shards
+        are not sent); each call takes its shard and returns one result per item; results
+        come back flattened in the original item order."""
+        shards = [list(s) for s in shard(items, len(self.actors)) if len(s)]
+        return [x for part in self.map(method, shards, **kwargs) for x in part]
 
     def shutdown(self) -> None:
+        """Kill the actors (and remove the placement group if this group made it)."""
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
-        remove_placement_group(self.pg)
+        if self._own_pg and self.pg is not None:
+            remove_placement_group(self.pg)
+        self.pg = None
+
+
+def gather(refs: Iterable[ray.ObjectRef]) -> list[Any]:
+    """Results of calls started with :meth:`RoleGroup.submit`, in the given order."""
+    return ray.get(list(refs))
 
 
 def shard(items: Sequence, n: int) -> list[Sequence]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from raykd.pipeline.rundir import atomic_write_json, recover_dir, replace_dir
+from raykd.atomic import atomic_write_json, publish_dir, recover_dir
 
 
 def _skip_cpu_shm_op() -> None:
@@ -205,6 +205,21 @@ class Learner:
                 if not k.startswith("raykd_projector.")  # training-only head, not exported
             }
 
+    def weight_buckets(self, bucket_bytes: int) -> list:
+        """Rank 0: the full weights as object-store refs of ``(name, tensor)`` buckets (a tied
+        ``lm_head`` left out: it is the embedding); ``[]`` on other ranks. Every rank must
+        call (ZeRO-3 gathers)."""
+        import ray
+
+        from raykd.roles.weight_sync import named_buckets
+
+        sd = self.state_dict()
+        if sd is None:
+            return []
+        if getattr(self.engine.module.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        return [ray.put(b) for b in named_buckets(sd.items(), bucket_bytes)]
+
     def weight_digest(self) -> float:
         """A fingerprint of this rank's full weights (sum of |w| in float64) to compare ranks.
 
@@ -230,7 +245,7 @@ class Learner:
             sd.pop("lm_head.weight", None)  # tied to the embeddings: store it once
         module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(tmp)
-        replace_dir(tmp, target)
+        publish_dir(tmp, target)
         return str(target)
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -244,7 +259,7 @@ class Learner:
         dist.barrier()
         if self.rank == 0:
             atomic_write_json(tmp / "raykd_state.json", client_state)
-            replace_dir(tmp, target)
+            publish_dir(tmp, target)
         dist.barrier()
 
     def load_checkpoint(self, ckpt_dir: str) -> dict[str, Any] | None:

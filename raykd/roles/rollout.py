@@ -1,7 +1,8 @@
 """Rollout role: sample (or greedily decode) continuations of prompts with the student.
 
-Backends: ``hf`` (transformers ``generate``; CPU and GPU). The weights are refreshed from the
-learner through :meth:`RolloutWorker.update_weights` (object store, zero-copy tensors).
+This is the ``hf`` backend of :class:`raykd.roles.backends.Sampler` (transformers ``generate``;
+CPU and GPU). The weights are refreshed from the learner in ``(name, tensor)`` buckets through
+:meth:`HFRolloutWorker.update_weights` (see :mod:`raykd.roles.weight_sync`).
 
 With ``mix_teacher`` the worker also holds the frozen teacher and can sample from MiniLLM's
 mixture ``α·p_T + (1−α)·q_S`` (:mod:`raykd.roles.mixture`); such rollouts carry the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from raykd.batch import Rollout, pad_rows, pad_sequences
+from raykd.roles.backends import Sampler, SamplerCapabilities
 from raykd.roles.mixture import sample_from_mixture
 
 
@@ -25,8 +27,10 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-class RolloutWorker:
+class HFRolloutWorker(Sampler):
     """Holds a copy of the policy being trained (or any model to decode from)."""
+
+    capabilities = SamplerCapabilities(teacher_mixing=True, weight_sync=("object_store",))
 
     def __init__(
         self,
@@ -45,18 +49,36 @@ class RolloutWorker:
         self.teacher = None
         if mix_teacher:
             self.teacher = load_model(mix_teacher, dtype=dtype).to(self.device).eval()
+        self._params = dict(self.model.state_dict(keep_vars=True))
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        self._tied = {"lm_head.weight"} if tied else set()
+        self._updated: set[str] = set()
         self.stop_ids = _stop_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.stop_ids[0]
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> int:
-        """Load new policy weights (tensors arrive read-only; load_state_dict copies)."""
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"weight sync mismatch: missing={missing} unexpected={unexpected}")
-        return len(state_dict)
+    def torch_threads(self) -> int:
+        return torch.get_num_threads()
+
+    def update_weights(self, named_tensors, finished: bool = True) -> int:
+        """Copy one bucket of new weights into the model (tensors arrive read-only from the
+        object store; ``copy_`` reads them). On the last bucket, check that every weight was
+        replaced (a tied ``lm_head`` shares the embedding's storage and is sent once)."""
+        params = self._params
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise RuntimeError(f"weight sync: unexpected tensor {name!r}")
+                params[name].copy_(tensor)
+                self._updated.add(name)
+        n = len(named_tensors)
+        if finished:
+            missing = set(params) - self._updated - self._tied
+            self._updated = set()
+            if missing:
+                raise RuntimeError(f"weight sync: missing tensors {sorted(missing)[:5]}")
+        return n
 
     @torch.no_grad()
     def generate(
@@ -150,6 +172,5 @@ class RolloutWorker:
         )
         return gen, gen_lp.squeeze(-1).cpu()
 
-    def generate_texts(self, prompts: list[list[int]], **kwargs) -> list[str]:
-        """Decode and return only the response texts (evaluation)."""
-        return self.generate(prompts, **kwargs).response_texts
+
+RolloutWorker = HFRolloutWorker  # the default backend under its role name

@@ -58,7 +58,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def cluster_cpus() -> int:
-    return int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))

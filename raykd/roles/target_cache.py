@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from raykd.batch import Example, examples_to_batch, scatter_topk
+from raykd.roles.group import gather
 
 
 def model_fingerprint(model_dir: str) -> str:
@@ -107,8 +107,8 @@ class TargetPrefetcher:
     """Scores upcoming examples in the background, so teacher time overlaps learner steps.
 
     :meth:`submit` queues scoring of the examples neither cached nor in flight (one scorer
-    call per ``batch_size`` examples, round-robin over the scorer actors; calls on one actor
-    run in submission order); :meth:`wait` blocks until the given examples are cached, writing
+    call per ``batch_size`` examples, round-robin over the scorer actors by
+    :meth:`RoleGroup.submit`; calls on one actor run in submission order); :meth:`wait` blocks until the given examples are cached, writing
     the results it collects. A controller that submits the batches of steps ``s+1 .. s+L``
     before waiting for step ``s`` keeps the teacher ``L`` steps ahead of the learner, and
     scores only the examples training actually reaches.
@@ -117,9 +117,8 @@ class TargetPrefetcher:
     def __init__(self, cache: TopKCache, scorers, pad_id: int, batch_size: int):
         self.cache, self.scorers = cache, scorers
         self.pad_id, self.batch_size = pad_id, batch_size
-        self._pending: dict[ray.ObjectRef, list[Example]] = {}
-        self._inflight: dict[str, ray.ObjectRef] = {}  # cache file name -> call scoring it
-        self._calls = 0
+        self._pending: dict = {}  # call (object ref) -> the examples it scores
+        self._inflight: dict = {}  # cache file name -> the call scoring it
         self.scored = 0
         self.wait_seconds = 0.0  # time the controller spent blocked on the teacher
 
@@ -133,10 +132,8 @@ class TargetPrefetcher:
             todo.append(ex)
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
-            actor = self.scorers.actors[self._calls % len(self.scorers)]
-            self._calls += 1
             batch = examples_to_batch(chunk, self.pad_id)
-            ref = actor.topk_targets.remote(batch, self.cache.k, self.cache.temperature)
+            ref = self.scorers.submit("topk_targets", batch, self.cache.k, self.cache.temperature)
             self._pending[ref] = chunk
             for ex in chunk:
                 self._inflight[self.cache.key(ex)] = ref
@@ -151,7 +148,7 @@ class TargetPrefetcher:
         total, done = sum(len(self._pending[ref]) for ref in refs), 0
         for ref in refs:
             chunk = self._pending.pop(ref)
-            for ex, (lp, idx) in zip(chunk, ray.get(ref)):
+            for ex, (lp, idx) in zip(chunk, gather([ref])[0]):
                 self.cache.put(ex, lp, idx)
                 self._inflight.pop(self.cache.key(ex), None)
             self.scored += len(chunk)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from raykd.batch import SequenceBatch, token_logprobs
+from raykd.roles.backends import Scorer
 
 
-class TeacherScorer:
+class HFTeacherScorer(Scorer):
     """Holds a frozen teacher (``backend='hf'``: transformers on CPU or GPU)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", num_threads: int | None = None):
@@ -58,3 +59,6 @@ class TeacherScorer:
             vals, idx = lp.topk(k, dim=-1)
             out.append((vals.cpu(), idx.to(torch.int32).cpu()))
         return out
+
+
+TeacherScorer = HFTeacherScorer  # the default backend under its role name

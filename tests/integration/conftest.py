@@ -72,3 +72,8 @@ def tiny_config(tmp_path: Path, teacher: str, *overrides: str):
         "pipeline.checkpoint_every=0",
     ]
     return load_config(None, base + list(overrides))
+
+
+def run_dir_of(results: dict) -> Path:
+    """The run directory of :func:`raykd.pipeline.run.run_pipeline`'s results."""
+    return Path(results["run_dir"])

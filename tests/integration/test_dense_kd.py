@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from raykd.algorithms import dense_kd
+from raykd.config import ConfigError
 from raykd.pipeline.run import run_pipeline
 
-from .conftest import tiny_config
+from .conftest import run_dir_of, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +50,7 @@ def test_dense_kd_taid_two_teachers_hidden(ray_node, tiny_teacher, second_teache
         f"dense_kd.extra_teachers=[{second_teacher}]",
         "pipeline.checkpoint_every=3",
     )
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
 
     rows = _rows(run_dir, "1-dense_kd")
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -92,7 +91,7 @@ def test_dense_kd_reverse_kl_hidden_zero3_two_ranks(ray_node, tiny_teacher, tmp_
         "learner.zero_stage=3",
         "learner.micro_batch_size=2",
     )
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
     rows = _rows(run_dir, "1-dense_kd")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -108,7 +107,6 @@ def test_dense_kd_reverse_kl_hidden_zero3_two_ranks(ray_node, tiny_teacher, tmp_
 
 
 @pytest.mark.parametrize("key", ["objective", "hidden_kind"])
-def test_dense_kd_rejects_unknown_options(tiny_teacher, tmp_path, key):
-    cfg = tiny_config(tmp_path, tiny_teacher, f"dense_kd.{key}=nope")
-    with pytest.raises(ValueError, match=f"dense_kd.{key}"):
-        dense_kd.run(SimpleNamespace(cfg=cfg))
+def test_dense_kd_rejects_unknown_options_at_config_load(tiny_teacher, tmp_path, key):
+    with pytest.raises(ConfigError, match=f"dense_kd.{key}' = 'nope'"):
+        tiny_config(tmp_path, tiny_teacher, f"dense_kd.{key}=nope")

@@ -14,7 +14,7 @@ from raykd.models import load_tokenizer
 from raykd.pipeline.run import run_pipeline
 from raykd.rewards import REWARDS
 
-from .conftest import tiny_config
+from .conftest import run_dir_of, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_gkd_mixes_on_and_off_policy_steps_and_fits(ray_node, tiny_teacher, tmp_
         "gkd.beta=0.5",
         "gkd.lr=1e-3",  # the bounded JSD oscillates at the fixture's lr of 1e-2
     )
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
     rows = _rows(run_dir, "1-gkd")
     assert [r["step"] for r in rows] == list(range(1, 7))
 
@@ -68,7 +68,7 @@ def test_gkd_off_policy_teacher_samples(ray_node, tiny_teacher, tmp_path):
         "gkd.beta=0.5",
         "gkd.lr=1e-3",
     )
-    rows = _rows(run_pipeline(cfg), "1-gkd")
+    rows = _rows(run_dir_of(run_pipeline(cfg)), "1-gkd")
     assert [r["step"] for r in rows] == list(range(1, 6))
     assert all(r["on_policy"] == 0.0 for r in rows)
     # the responses are samples (<= rollout.max_new_tokens = 12), not the fixture's long
@@ -79,9 +79,10 @@ def test_gkd_off_policy_teacher_samples(ray_node, tiny_teacher, tmp_path):
     assert statistics.fmean(jsd[-2:]) < statistics.fmean(jsd[:2]), jsd
 
 
-def _letters(prompt: str, completion: str, reference: str) -> float:
-    """Test-only reward: the share of ASCII letters in the completion."""
-    return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
+def _letters(examples, completions) -> list[float]:
+    """Test-only batch reward: the share of ASCII letters in each completion."""
+    return [sum(c.isascii() and c.isalpha() for c in text) / max(len(text), 1)
+            for text in completions]  # fmt: skip
 
 
 def test_grpo_raises_a_learnable_reward_with_kl_to_reference(
@@ -103,7 +104,7 @@ def test_grpo_raises_a_learnable_reward_with_kl_to_reference(
         "grpo.lr=1e-2",
         "grpo.ppo_epochs=2",
     )
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
     rows = _rows(run_dir, "1-grpo")
     # pi_old is recomputed by the learner: the first epoch's ratio is exactly 1, nothing is
     # clipped; the second epoch reuses the batch after an update, and the clip acts
@@ -137,7 +138,7 @@ def test_seqkd_trains_on_teacher_samples_and_reuses_them(ray_node, tiny_teacher,
         "seqkd.teacher_instruction='Think step by step.'",
         "learner.lr=3e-3",
     )
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
     samples = (run_dir / "data" / "1-seqkd-teacher_samples.jsonl").read_text().splitlines()
     assert len(samples) == 8  # 4 prompts x 2 samples
     first = json.loads(samples[0])

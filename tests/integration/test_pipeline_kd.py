@@ -8,11 +8,28 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from raykd.batch import examples_to_batch
+from raykd.data import load_task
+from raykd.models import load_tokenizer
 from raykd.pipeline.run import run_pipeline
+from raykd.roles.target_cache import TopKCache
+from raykd.roles.teacher import TeacherScorer
 
-from .conftest import tiny_config
+from .conftest import run_dir_of, tiny_config
 
 pytestmark = pytest.mark.integration
+
+
+def assert_same_topk(vals, idx, want_vals, want_idx, what) -> None:
+    """Same top-k targets up to the order of near-tied entries (a batched, padded forward and
+    an unbatched one differ by float noise): the same values in order, and the same token
+    set with each token's log-prob equal in both."""
+    torch.testing.assert_close(vals, want_vals, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+    order, want_order = idx.long().argsort(-1), want_idx.long().argsort(-1)
+    tokens, want_tokens = idx.long().gather(-1, order), want_idx.long().gather(-1, want_order)
+    assert tokens.tolist() == want_tokens.tolist(), what
+    torch.testing.assert_close(vals.gather(-1, order), want_vals.gather(-1, want_order),
+                               atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")  # fmt: skip
 
 
 def _losses(run_dir, stage):
@@ -23,7 +40,7 @@ def _losses(run_dir, stage):
 def test_word_kd_overfits_caches_targets_and_reports(ray_node, tiny_teacher, tmp_path):
     kd = ("pipeline.train=[word_kd]", "word_kd.alpha=0.9", "word_kd.temperature=2.0")
     cfg = tiny_config(tmp_path, tiny_teacher, *kd, "word_kd.steps=8")
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
 
     # the loss on the 4-example overfit set falls (every step sees the same 4 examples)
     rows = _losses(run_dir, "1-word_kd")
@@ -35,7 +52,9 @@ def test_word_kd_overfits_caches_targets_and_reports(ray_node, tiny_teacher, tmp
     stage0 = json.loads((run_dir / "stages" / "1-word_kd.json").read_text())
     assert stage0["teacher_targets"]["scored"] == 4
     # (a different run, same teacher, data, k and temperature)
-    again = run_pipeline(tiny_config(tmp_path, tiny_teacher, *kd, "word_kd.steps=1", "run.name=t2"))
+    again = run_dir_of(
+        run_pipeline(tiny_config(tmp_path, tiny_teacher, *kd, "word_kd.steps=1", "run.name=t2"))
+    )
     stage1 = json.loads((again / "stages" / "1-word_kd.json").read_text())
     assert stage1["teacher_targets"] == {"cached": 4, "scored": 0, "seconds": 0.0}
 
@@ -64,15 +83,17 @@ def test_prefetched_targets_match_upfront_ones_and_score_only_what_is_used(
     ray_node, tiny_teacher, tmp_path
 ):
     """teacher.prefetch_steps: the teacher scores batches ahead of the learner instead of the
-    whole split first; training sees the same targets, and unused examples are never scored."""
+    whole split first; training sees the same targets, and unused examples are never scored.
+    Both modes' cached targets equal a direct, unbatched teacher call (at tau = 2)."""
     args = ("pipeline.train=[word_kd]", "word_kd.steps=2", "data.num_train=8",
+            "word_kd.temperature=2.0",
             "learner.micro_batch_size=2", "pipeline.eval_teacher=false",
             "pipeline.eval_student_before=false", "teacher.batch_size=2")  # fmt: skip
     runs = {}
     for mode, extra in (("upfront", "teacher.prefetch_steps=0"), ("ahead", "teacher.prefetch_steps=2")):  # fmt: skip
         cfg = tiny_config(tmp_path, tiny_teacher, *args, extra, f"run.name={mode}",
                           f"teacher.cache_dir={tmp_path / ('cache_' + mode)}")  # fmt: skip
-        run_dir = run_pipeline(cfg)
+        run_dir = run_dir_of(run_pipeline(cfg))
         stage = json.loads((run_dir / "stages" / "1-word_kd.json").read_text())
         runs[mode] = (_losses(run_dir, "1-word_kd"), stage["teacher_targets"])
     (up_rows, up_stats), (ahead_rows, ahead_stats) = runs["upfront"], runs["ahead"]
@@ -85,3 +106,25 @@ def test_prefetched_targets_match_upfront_ones_and_score_only_what_is_used(
     assert n_train == 6 and ahead_stats["scored"] == 4
     assert len(list((tmp_path / "cache_ahead").rglob("*.pt"))) == ahead_stats["scored"]
     assert len(list((tmp_path / "cache_upfront").rglob("*.pt"))) == n_train
+
+    # The targets are the teacher's: both modes score through the same prefetcher, so they
+    # must also match targets computed independently -- a direct TeacherScorer call per
+    # example, unbatched, on the train split the pipeline builds.
+    dc = cfg.data
+    task = load_task(dc.task, load_tokenizer(tiny_teacher), path=dc.path,
+                     max_length=dc.max_length, num_train=dc.num_train, num_eval=dc.num_eval,
+                     eval_fraction=dc.eval_fraction, seed=cfg.run.seed,
+                     system_prompt=dc.system_prompt)  # fmt: skip
+    scorer = TeacherScorer(tiny_teacher)
+    k, tau = cfg.teacher.top_k, cfg.word_kd.temperature
+    for mode, expected in (("upfront", n_train), ("ahead", ahead_stats["scored"])):
+        cache = TopKCache(tmp_path / f"cache_{mode}", tiny_teacher, k, tau)
+        checked = 0
+        for ex in task.train:
+            got = cache.get(ex)
+            if got is None:
+                continue
+            [(want_lp, want_idx)] = scorer.topk_targets(examples_to_batch([ex], 0), k, tau)
+            assert_same_topk(got[0], got[1], want_lp, want_idx, (mode, ex.uid))
+            checked += 1
+        assert checked == expected, mode  # every cached entry was checked

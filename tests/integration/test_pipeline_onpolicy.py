@@ -10,7 +10,7 @@ import pytest
 
 from raykd.pipeline.run import run_pipeline
 
-from .conftest import tiny_config
+from .conftest import run_dir_of, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def test_reverse_kl_reduces_kl_on_overfit_prompts(ray_node, tiny_teacher, tmp_pa
         "learner.zero_stage=1",
         "rollout.max_new_tokens=16",
     )
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["stage"] == "1-reverse_kl"]
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -60,7 +60,7 @@ def test_minillm_in_full_mixed_sampling_and_single_step(ray_node, tiny_teacher, 
         "learner.lr=1e-3",
         "rollout.max_new_tokens=16",
     )
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["stage"] == "1-reverse_kl"]
     assert [r["step"] for r in rows] == list(range(1, 7))

@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from raykd.pipeline.run import run_pipeline
-from raykd.pipeline.rundir import RunDir
+from raykd.rundir import RunDir
 
-from .conftest import tiny_config
+from .conftest import run_dir_of, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def test_killed_stage_resumes_from_checkpoint_to_the_same_weights(ray_node, tiny
         "data.num_train=6",
         "learner.micro_batch_size=2",
     )
-    run_dir = run_pipeline(tiny_config(tmp_path, tiny_teacher, *args))
+    run_dir = run_dir_of(run_pipeline(tiny_config(tmp_path, tiny_teacher, *args)))
     unbroken = load_file(run_dir / "models" / "final" / "model.safetensors")
     ckpt = run_dir / "checkpoints" / "1-sft"
     assert json.loads((ckpt / "raykd_state.json").read_text()) == {"step": 2}
@@ -49,7 +49,7 @@ def test_killed_stage_resumes_from_checkpoint_to_the_same_weights(ray_node, tiny
     keep = [x for x in lines if json.loads(x)["step"] <= 2]
     (run_dir / "metrics.jsonl").write_text("\n".join(keep) + "\n")
 
-    resumed_dir = run_pipeline(tiny_config(tmp_path, tiny_teacher, *args))
+    resumed_dir = run_dir_of(run_pipeline(tiny_config(tmp_path, tiny_teacher, *args)))
     assert resumed_dir == run_dir
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # only steps 3 and 4 were trained again
@@ -67,7 +67,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(ray_node, tiny_teacher, tmp_p
     args = ("pipeline.train=[sft]", "sft.steps=16", "pipeline.checkpoint_every=2",
             "pipeline.eval_teacher=false", "data.num_train=6", "learner.micro_batch_size=2",
             "learner.lr=1e-3")  # fmt: skip
-    unbroken_dir = run_pipeline(tiny_config(tmp_path / "unbroken", tiny_teacher, *args))
+    unbroken_dir = run_dir_of(run_pipeline(tiny_config(tmp_path / "unbroken", tiny_teacher, *args)))
     unbroken = load_file(unbroken_dir / "models" / "final" / "model.safetensors")
 
     cfg_path = tmp_path / "run.yaml"
@@ -92,7 +92,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(ray_node, tiny_teacher, tmp_p
     assert 2 <= killed_at < 16 and not (run_dir / "stages" / "1-sft.json").exists()
     logged_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
 
-    resumed_dir = run_pipeline(tiny_config(tmp_path / "killed", tiny_teacher, *args))
+    resumed_dir = run_dir_of(run_pipeline(tiny_config(tmp_path / "killed", tiny_teacher, *args)))
     assert resumed_dir == run_dir
     resumed = load_file(run_dir / "models" / "final" / "model.safetensors")
     for name, w in unbroken.items():
@@ -103,3 +103,8 @@ def test_sigkilled_run_resumes_to_the_same_weights(ray_node, tiny_teacher, tmp_p
     # nothing already written was lost: the killed run's rows are still in the log, and the
     # resumed run logged only the steps after its checkpoint
     assert len(lines) >= logged_before + (16 - killed_at)
+    # It really resumed (a rerun from scratch reaches the same deterministic weights): the
+    # resumed process's rows start right after the checkpoint's step, not at step 1.
+    resumed_steps = [row["step"] for row in map(json.loads, lines[logged_before:])
+                     if row.get("stage") == "1-sft"]  # fmt: skip
+    assert resumed_steps == list(range(killed_at + 1, 17)), (killed_at, resumed_steps)

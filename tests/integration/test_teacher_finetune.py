@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from raykd.pipeline.run import run_pipeline
 from raykd.roles.target_cache import default_cache_root, model_fingerprint
 
-from .conftest import tiny_config
+from .conftest import run_dir_of, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def test_finetuned_teacher_teaches(ray_node, tiny_teacher, tmp_path):
         "word_kd.steps=2",
         "pipeline.eval_student_before=false",
     )
-    run_dir = run_pipeline(cfg)
+    run_dir = run_dir_of(run_pipeline(cfg))
     tuned = run_dir / "models" / "teacher-sft"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     sft_rows = [r for r in rows if r["stage"] == "teacher-sft"]
@@ -57,6 +57,6 @@ def test_finetuned_teacher_teaches(ray_node, tiny_teacher, tmp_path):
     assert any(d.startswith(model_fingerprint(str(tuned))) for d in cached), cached
 
     # a rerun skips the finished teacher stage
-    run_pipeline(cfg)
+    run_dir_of(run_pipeline(cfg))
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(x)["stage"] == "teacher-sft" for x in rows) == 4

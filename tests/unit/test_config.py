@@ -21,7 +21,10 @@ def test_quickstart_config_loads_and_overrides_apply():
     assert cfg.learner.lr == pytest.approx(1e-5)
     assert cfg.word_kd.steps == 3
     assert cfg.run.name == "quickstart"
-    assert list(cfg.pipeline.train) == ["word_kd", "reverse_kl"]
+    assert [(s.name, s.algorithm) for s in cfg.pipeline.stages] == [
+        ("1-word_kd", "word_kd"),
+        ("2-reverse_kl", "reverse_kl"),
+    ]
     # base.yaml (via extends) was merged under quickstart.yaml
     assert cfg.pipeline.checkpoint_every == 20
 
@@ -69,7 +72,9 @@ def test_missing_file_and_missing_fragment(tmp_path):
 def test_invalid_choice_and_unknown_algorithm(tmp_path):
     with pytest.raises(ConfigError, match="student.rule"):
         load_config(None, ["student.rule=random"])
-    with pytest.raises(ConfigError, match="pipeline.train.*'ppo'"):
+    with pytest.raises(
+        ConfigError, match=r"pipeline.train=.*pipeline.stages\[1\].algorithm' = 'ppo'"
+    ):
         load_config(None, ["pipeline.train=[word_kd,ppo]"])
     with pytest.raises(ConfigError, match="student.keep"):
         load_config(None, ["student.rule=angular"])

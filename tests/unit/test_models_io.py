@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raykd.models.io import count_parameters, model_size_mb, publish_dir, save_model
+from raykd.atomic import publish_dir
+from raykd.models.io import count_parameters, model_size_mb, save_model
 from raykd.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from raykd.algorithms.common import example_stream, mean_metrics, to_micro_batches
+from raykd.atomic import atomic_write_json, publish_dir, recover_dir
 from raykd.batch import Example, examples_to_batch, pad_sequences, token_logprobs
-from raykd.pipeline.rundir import RunDir, atomic_write_json, recover_dir, replace_dir
 from raykd.roles.group import shard
+from raykd.rundir import RunDir
 
 
 def test_shard_contiguous_and_balanced():
@@ -103,7 +104,7 @@ def test_rundir_atomic_writes_and_dir_replace(tmp_path):
         tmp = tmp_path / "model.tmp"
         tmp.mkdir()
         (tmp / "w").write_text(version)
-        replace_dir(tmp, target)
+        publish_dir(tmp, target)
     assert (target / "w").read_text() == "v2"
     # crash between the two renames: only model.old exists -> recovered
     target.rename(tmp_path / "model.old")

@@ -12,75 +12,18 @@ Layout::
       eval/<model>.json        evaluation results per model
       report.md|json|png       the report
 
-Every file is written atomically (temp file + ``os.replace``), so a killed run never leaves
-a half-written file behind and resumes from what is complete.
+Every file and directory is written atomically (:mod:`raykd.atomic`), so a killed run never
+leaves a half-written file behind and resumes from what is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
-
-
-def replace_dir(tmp_dir: Path, target: Path) -> None:
-    """Move a fully written ``tmp_dir`` onto ``target``, replacing any previous version.
-
-    The old directory is renamed aside first, so at every instant either the old or the new
-    complete directory is at ``target`` (a crash between the renames leaves ``.old``, which
-    :func:`recover_dir` restores).
-    """
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp_dir, target)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(target: Path) -> None:
-    old = target.with_name(target.name + ".old")
-    if not target.exists() and old.exists():
-        os.replace(old, target)
-
-
-def _jsonable(obj: Any):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+from raykd.atomic import atomic_write_json, jsonable
 
 
 def _ends_a_line(path: Path) -> bool:
@@ -122,7 +65,7 @@ class RunDir:
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
         record = {"stage": stage, "step": step, "time": time.time(), **metrics}
         with open(self.path("metrics.jsonl"), "ab") as fh:
-            line = json.dumps(record, default=_jsonable) + "\n"
+            line = json.dumps(record, default=jsonable) + "\n"
             if fh.tell() and not self._log_line_closed:
                 line = "\n" + line  # after a line a kill cut short: never glue onto it
             fh.write(line.encode())

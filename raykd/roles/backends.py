@@ -1,0 +1,108 @@
+"""Sampler and scorer interfaces, and the registry of their backends.
+
+A **sampler** (rollout worker) continues prompts with the policy being trained and reports the
+temperature-1 log-prob of every sampled token; it takes new weights as ``(name, tensor)``
+pairs. A **scorer** (teacher) returns, for given sequences, the log-prob of each given token
+and the top-k log-probs at the response positions. Learners recompute old log-probs
+themselves, so a sampler may be approximate (the sampler/learner mismatch is logged).
+
+Backends are registered by name as ``"module:Class"`` strings, imported only when a group is
+built: a backend whose engine lives in another Python environment (vLLM, through the role's
+``runtime_env``) is never imported by the driver. ``rollout.backend`` / ``teacher.backend``
+name them; an unknown name fails at config load with the valid ones.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from raykd.batch import Rollout, SequenceBatch
+
+
+@dataclass(frozen=True)
+class SamplerCapabilities:
+    """What a sampler backend can do (checked before a stage builds its roles).
+
+    ``teacher_mixing``: can sample MiniLLM's mixture ``a p_T + (1 - a) q_S`` (holds the
+    teacher next to the policy). ``weight_sync``: the weight-sync strategies it accepts
+    (names in :data:`raykd.roles.weight_sync.STRATEGIES`).
+    """
+
+    teacher_mixing: bool = False
+    weight_sync: tuple[str, ...] = ("object_store",)
+
+
+class Sampler(abc.ABC):
+    """A rollout worker: one copy of the policy (or any model to decode from)."""
+
+    capabilities: ClassVar[SamplerCapabilities] = SamplerCapabilities()
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        greedy: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        uids: list[str] | None = None,
+        mix_alpha: float = 0.0,
+    ) -> Rollout:
+        """Continue each prompt. Returns prompt+response sequences (right-padded), a loss mask
+        on the response tokens (up to and including the stop token), the response texts and
+        ``log q(y_t)`` of each response token at temperature 1 under the current weights."""
+
+    def generate_texts(self, prompts: list[list[int]], **kwargs) -> list[str]:
+        """Only the response texts (evaluation)."""
+        return self.generate(prompts, **kwargs).response_texts
+
+    @abc.abstractmethod
+    def update_weights(
+        self, named_tensors: Sequence[tuple[str, torch.Tensor]], finished: bool = True
+    ) -> int:
+        """Load one bucket of new weights; ``finished`` marks the update's last bucket, after
+        which every weight must have been replaced exactly once (tied weights are sent once).
+        Returns the number of tensors loaded by this call."""
+
+
+class Scorer(abc.ABC):
+    """A frozen model that scores given sequences (the teacher, or GRPO's reference)."""
+
+    @abc.abstractmethod
+    def token_logprobs(self, batch: SequenceBatch) -> torch.Tensor:
+        """``log p(x_t | x_<t)`` of each given token, aligned ``[B, T]``, zero off the loss
+        mask."""
+
+    @abc.abstractmethod
+    def topk_targets(
+        self, batch: SequenceBatch, k: int, temperature: float = 1.0
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per example: ``(logprobs [n, k], indices [n, k] int32)``, the top-k of
+        ``log_softmax(z / tau)`` at the ``n`` positions where the loss mask is 1, in order."""
+
+
+SAMPLERS: dict[str, str] = {"hf": "raykd.roles.rollout:HFRolloutWorker"}
+SCORERS: dict[str, str] = {"hf": "raykd.roles.teacher:HFTeacherScorer"}
+
+
+def _load(table: dict[str, str], kind: str, name: str) -> type:
+    if name not in table:
+        raise ValueError(f"unknown {kind} backend {name!r}; valid: {', '.join(sorted(table))}")
+    module, _, cls = table[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    return _load(SAMPLERS, "sampler", name)
+
+
+def scorer_class(name: str) -> type[Scorer]:
+    return _load(SCORERS, "scorer", name)
