@@ -3,6 +3,9 @@
 raykd run CONFIG.yaml [MORE.yaml ...] [key=value ...]   run (or resume) a pipeline
 raykd quickstart [key=value ...]                          the offline quickstart
 raykd show-config CONFIG.yaml [key=value ...]             print the resolved config
+raykd sandbox run PROGRAM.py [--tests TESTS.py] [--json]  run untrusted code in the sandbox
+raykd sandbox probe                                       which isolation layers work here
+raykd sweep SWEEP.yaml [MORE.yaml ...] [key=value ...]    run or resume a Ray Tune sweep
 """
 
 from __future__ import annotations
@@ -29,6 +32,22 @@ def _split(args: list[str]) -> tuple[list[str], list[str]]:
     return files, overrides
 
 
+def _sweep(args: list[str], summary_only: bool) -> int:
+    """``raykd sweep``: the sweep file is checked (every point through load_config) first."""
+    from raykd.tune import load_sweep, run_sweep
+
+    files, overrides = _split(args)
+    try:
+        if not files:
+            raise ConfigError("no sweep file given")
+        plan = load_sweep(files[0], overrides, extra_configs=files[1:])
+    except ConfigError as err:
+        print(f"raykd: config error: {err}", file=sys.stderr)
+        return 2
+    summary = run_sweep(plan, fit=not summary_only)
+    return 1 if summary["counts"].get("error") else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raykd", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,7 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     p_q.add_argument("args", nargs="*", help="key=value overrides")
     p_s = sub.add_parser("show-config", help="print the resolved config")
     p_s.add_argument("args", nargs="+")
+    p_box = sub.add_parser("sandbox", help="run a program in the sandbox (see raykd.sandbox)")
+    p_box.add_argument("args", nargs=argparse.REMAINDER)
+    p_w = sub.add_parser("sweep", help="run or resume a Ray Tune sweep (see raykd.tune)")
+    p_w.add_argument("args", nargs="+", help="sweep file, run configs, key=value (sweep.*: spec)")
+    p_w.add_argument("--summary-only", action="store_true", help="rewrite the summary only")
     ns = parser.parse_args(argv)
+    if ns.command == "sweep":
+        return _sweep(ns.args, ns.summary_only)
+    if ns.command == "sandbox":
+        from raykd.sandbox.cli import main as sandbox_main
+
+        return sandbox_main(ns.args)
 
     try:
         if ns.command == "quickstart":
@@ -56,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
+    from raykd.pipeline.provenance import RunDirConflict
     from raykd.pipeline.run import run_pipeline
 
-    run_pipeline(cfg)
+    try:
+        run_pipeline(cfg)
+    except RunDirConflict as err:
+        print(f"raykd: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -67,8 +67,22 @@ class StageContext:
     placement: SlotPlacement | None = None  # bundles reserved for the run (a Tune trial)
     reporter: Reporter = console_reporter
     extra: dict = field(default_factory=dict)
+    heldout: list[Example] = field(default_factory=list)  # eval split, for periodic evals
+    learners: LearnerGroup | None = None  # set by StageRoles.learners while the stage trains
 
     def log(self, step: int, total: int, metrics: dict[str, float], t0: float) -> None:
+        """Record one step (run directory + reporter). A reporter with ``eval_every = N > 0``
+        also gets ``heldout_ce`` every N steps and at the stage's last step: the student's
+        cross-entropy on the first ``reporter.eval_examples`` held-out examples, computed by
+        the learners with their current weights (:func:`heldout_metrics`)."""
+        every = getattr(self.reporter, "eval_every", 0) or 0
+        if every and self.learners is not None and self.heldout:
+            if step % every == 0 or step == total:
+                n = getattr(self.reporter, "eval_examples", 0) or len(self.heldout)
+                metrics = {
+                    **metrics,
+                    **heldout_metrics(self.learners, self.heldout[:n], self.pad_id),
+                }
         self.rundir.log(self.stage, step, metrics)
         self.reporter(self.stage, step, total, {**metrics, "elapsed_seconds": time.time() - t0})
 
@@ -107,15 +121,20 @@ class StageRoles(contextlib.ExitStack):
             "seed": cfg.run.seed,
             **(extra or {}),
         }
-        return self._keep(learner_group(cfg, model_path, setup, placement=self.ctx.placement))
+        group = self._keep(learner_group(cfg, model_path, setup, placement=self.ctx.placement))
+        self.ctx.learners = group
+        return group
 
-    def scorers(self, model_path: str | None = None, dtype: str | None = None) -> RoleGroup:
+    def scorers(
+        self, model_path: str | None = None, dtype: str | None = None, slot: str = "teacher"
+    ) -> RoleGroup:
         """Teacher scorers (``teacher`` section); ``model_path``/``dtype`` load another frozen
-        model on the same resources instead, e.g. GRPO's reference policy."""
+        model on the same resources instead, e.g. GRPO's reference policy (``slot``: whose
+        reserved bundles it takes in a Tune trial; ``reference`` when the teacher also runs)."""
         path = model_path or self.ctx.teacher_path
         name = "teacher" if model_path is None else "reference"
         group = scorer_group(
-            self.ctx.cfg, path, dtype=dtype, name=name, placement=self.ctx.placement
+            self.ctx.cfg, path, dtype=dtype, name=name, placement=self.ctx.placement, slot=slot
         )
         return self._keep(group)
 
@@ -290,6 +309,17 @@ def learner_logprobs(learners: LearnerGroup, batch: SequenceBatch) -> torch.Tens
         out[row : row + p.shape[0], : p.shape[1]] = p
         row += p.shape[0]
     return out * batch.loss_mask
+
+
+def heldout_metrics(learners: LearnerGroup, examples: list[Example], pad_id: int) -> dict:
+    """``heldout_ce``: mean cross-entropy per response token of ``examples`` under the
+    learners' current weights (one forward, no update; every rank takes part)."""
+    rows = list(examples)
+    while len(rows) < len(learners):  # every rank needs a row
+        rows += list(examples)
+    batch = examples_to_batch(rows, pad_id)
+    lp = learner_logprobs(learners, batch)
+    return {"heldout_ce": float(-lp.sum() / batch.loss_mask.sum().clamp_min(1.0))}
 
 
 def split_batch(batch: SequenceBatch, n: int) -> list[SequenceBatch]:

@@ -25,6 +25,27 @@ class RunSection:
     # A run directory that exists is resumed (stages already done are skipped, a training stage
     # restarts from its last checkpoint).
     resume: bool = True
+    # A run directory whose results another config produced is refused; overwrite=true redoes
+    # every stage whose config or inputs changed, and every later one.
+    overwrite: bool = False
+
+
+@dataclass
+class VLLMConfig:
+    """vLLM engine settings of a role with ``backend: vllm`` (``rollout.vllm``, ``teacher.vllm``;
+    raykd.roles.vllm.engine.DEFAULTS mirrors them). The actors run in vLLM's own venv."""
+
+    python: Optional[str] = None  # interpreter; None: $RAYKD_VLLM_PYTHON, .venv-vllm/bin/python
+    enforce_eager: bool = True  # no torch.compile / CUDA graphs: fast start
+    gpu_memory_utilization: float = 0.5  # GPU: share of the device for weights + KV cache
+    kv_cache_gb: float = 1.0  # CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: Optional[int] = None  # None: the model's context length
+    prefix_caching: bool = True
+    multiprocessing: bool = False  # engine core in its own process (then no object_store sync)
+    tensor_parallel_size: int = 1
+    max_logprobs: Optional[int] = None  # scorer: None = max(teacher.top_k, 20)
+    stop: list[str] = field(default_factory=list)  # sampler: stop strings besides EOS/<|im_end|>
+    enable_sleep_mode: bool = False  # GPU: colocated engines can release memory during training
 
 
 @dataclass
@@ -38,6 +59,7 @@ class TeacherConfig:
     gpus_per_worker: float = 0.0
     num_threads: Optional[int] = None  # torch threads per worker; None: cpus_per_worker, rounded up
     runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env of the workers
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # backend=vllm engine settings
     top_k: int = 64  # top-k log-probs per position shipped to the learner (forward-KL targets)
     batch_size: int = 8
     cache_dir: Optional[str] = None  # teacher-target cache; default: ~/.cache/raykd/targets
@@ -63,13 +85,16 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "stdlib_code"  # stdlib_code | dolly
+    task: str = "stdlib_code"  # stdlib_code | dolly | function_tasks | humaneval | codeforces
     path: Optional[str] = None
     max_length: int = 256
     num_train: Optional[int] = None
     num_eval: Optional[int] = 32
     eval_fraction: float = 0.2
     system_prompt: Optional[str] = None
+    # Evaluate on another task's eval split (e.g. humaneval) instead of data.task's own.
+    eval_task: Optional[str] = None
+    eval_path: Optional[str] = None  # its data file, for tasks that need one
 
 
 @dataclass
@@ -100,7 +125,10 @@ class RolloutConfig:
     gpus_per_worker: float = 0.0
     num_threads: Optional[int] = None  # torch threads per worker; None: cpus_per_worker, rounded up
     runtime_env: dict[str, Any] = field(default_factory=dict)  # e.g. {py_executable: ...}
-    weight_sync: str = "object_store"  # learner -> samplers: raykd.roles.weight_sync.STRATEGIES
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # backend=vllm engine settings
+    # learner -> samplers: raykd.roles.weight_sync.STRATEGIES (object_store | torch_group |
+    # cuda_ipc); torch_group and cuda_ipc need rollout.backend=vllm
+    weight_sync: str = "object_store"
     sync_bucket_mb: float = 64.0  # weights travel in (name, tensor) buckets of this size
     batch_size: int = 8
     max_new_tokens: int = 128
@@ -220,6 +248,15 @@ class GRPOConfig:
     # longer than reward_timeout_s fails with a message.
     reward_tasks: int = 0
     reward_timeout_s: Optional[float] = 600.0
+    reward_cpus_per_task: float = 0.5  # CPUs each reward task reserves (sandboxed programs)
+    # Sandbox layers that must work (e.g. [seccomp, landlock]); a stage refuses to train, with
+    # the probe's reason, when one is missing. [] = use what works, warn about the rest.
+    sandbox_require: list[str] = field(default_factory=list)
+    # Dense teacher term: r_i += w * mean_t log p_T(y_t) over the response tokens of y_i
+    # (teacher scorers score the sampled responses); 0 = off.
+    teacher_logprob_weight: float = 0.0
+    # Append every sampled completion with its rewards to data/<stage>-completions.jsonl.
+    save_completions: bool = True
     lr: Optional[float] = None
 
 
@@ -230,6 +267,9 @@ class EvalConfig:
     sample_seeds: list[int] = field(default_factory=list)  # seeded sampled decodes besides greedy
     temperature: float = 0.7
     num_report_samples: int = 3
+    # Code tasks with tests: pass@k over the sampled decodes for these k (k <= len(sample_seeds))
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    exec_timeout_s: float = 5.0  # wall-clock limit of one sandboxed test run
 
 
 @dataclass

@@ -130,6 +130,16 @@ def _rewards():
     return REWARDS
 
 
+def _sandbox_layers():
+    from raykd.sandbox.core import ALIASES, LAYERS
+
+    return {**dict.fromkeys(LAYERS), **ALIASES}
+
+
+def _optional(check: Check) -> Check:
+    return lambda v: None if v is None else check(v)
+
+
 # ---- tables ----------------------------------------------------------------------------
 SECTION_RULES: dict[str, dict[str, Check]] = {
     "run": {"seed": NON_NEGATIVE},
@@ -157,6 +167,7 @@ SECTION_RULES: dict[str, dict[str, Check]] = {
         "num_train": number(1, optional=True),
         "num_eval": number(0, optional=True),
         "eval_fraction": number(0, 1, lo_open=True, hi_open=True),
+        "eval_task": _optional(_names_in(_tasks, "task")),
     },
     "learner": {
         "num_ranks": AT_LEAST_1,
@@ -192,8 +203,19 @@ SECTION_RULES: dict[str, dict[str, Check]] = {
         "max_new_tokens": AT_LEAST_1,
         "temperature": POSITIVE,
         "num_report_samples": NON_NEGATIVE,
+        "pass_k": _each(AT_LEAST_1),
+        "exec_timeout_s": POSITIVE,
     },
     "pipeline": {"checkpoint_every": NON_NEGATIVE},
+}
+
+#: ``rollout.vllm`` / ``teacher.vllm`` (vLLM engine settings).
+VLLM_RULES: dict[str, Check] = {
+    "gpu_memory_utilization": number(0, 1, lo_open=True),
+    "kv_cache_gb": POSITIVE,
+    "max_model_len": number(1, optional=True),
+    "tensor_parallel_size": AT_LEAST_1,
+    "max_logprobs": number(1, optional=True),
 }
 
 _COMMON = {"steps": AT_LEAST_1, "lr": OPTIONAL_POSITIVE}
@@ -250,6 +272,9 @@ ALGORITHM_RULES: dict[str, dict[str, Check]] = {
         "ppo_epochs": AT_LEAST_1,
         "reward_tasks": NON_NEGATIVE,
         "reward_timeout_s": OPTIONAL_POSITIVE,
+        "reward_cpus_per_task": NON_NEGATIVE,
+        "sandbox_require": _each(_names_in(_sandbox_layers, "sandbox layer")),
+        "teacher_logprob_weight": NON_NEGATIVE,
     },
 }
 
@@ -330,6 +355,7 @@ def validate_config(cfg: DictConfig, origins: dict[str, str]) -> list[str]:
             problems.add_plain(f"{section}.{key}", err)
     _student_checks(cfg, problems)
     _run_checks(cfg, problems)
+    _backend_checks(cfg, problems)
 
     stages = OmegaConf.to_container(cfg.pipeline.stages, resolve=True) or []
     names: set[str] = set()
@@ -391,4 +417,39 @@ def _run_checks(cfg: DictConfig, problems: Problems) -> None:
             "reverse_kl.mix_alpha",
             "> 0 samples the teacher-student mixture at temperature 1: set "
             "'rollout.temperature' = 1.0 and 'rollout.top_p' = 1.0",
+        )
+
+
+def _backend_checks(cfg: DictConfig, problems: Problems) -> None:
+    """vLLM engine settings, and what the chosen sampler backend can do."""
+    for section in ("rollout", "teacher"):
+        _apply(VLLM_RULES, cfg[section].vllm, f"{section}.vllm.", problems)
+    rc, tc = cfg.rollout, cfg.teacher
+    max_logprobs = tc.vllm.max_logprobs
+    if tc.backend == "vllm" and max_logprobs is not None and max_logprobs < tc.top_k:
+        problems.add(
+            "teacher.vllm.max_logprobs", max_logprobs,
+            f"must be >= teacher.top_k ({tc.top_k}): the engine returns at most that many",
+        )  # fmt: skip
+    if rc.backend not in _samplers() or rc.weight_sync not in _weight_syncs():
+        return  # already reported
+    from raykd.roles.backends import sampler_class
+
+    caps = sampler_class(rc.backend).capabilities
+    if rc.weight_sync not in caps.weight_sync:
+        problems.add(
+            "rollout.weight_sync", rc.weight_sync,
+            f"rollout.backend={rc.backend} takes {list(caps.weight_sync)}",
+        )  # fmt: skip
+    if rc.backend == "vllm" and rc.vllm.multiprocessing and rc.weight_sync == "object_store":
+        problems.add_plain(
+            "rollout.weight_sync",
+            "object_store sync needs the in-process vLLM engine: set "
+            "rollout.vllm.multiprocessing=false or rollout.weight_sync=torch_group",
+        )
+    if not caps.teacher_mixing and cfg.reverse_kl.mix_alpha > 0:
+        problems.add_plain(
+            "reverse_kl.mix_alpha",
+            f"> 0 needs a sampler that holds the teacher; rollout.backend={rc.backend} does "
+            "not (use rollout.backend=hf)",
         )

@@ -4,7 +4,10 @@ Each record has string fields ``instruction``, ``context`` and ``response`` and 
 ``category`` (and ``id``).  The same schema is used by ``databricks/databricks-dolly-15k``
 and by ``argilla/databricks-dolly-15k-curated-multilingual`` (splits ``en``, ``es``, ``de``,
 ``fr``), so one loader serves English and Spanish.  Files are JSON Lines (``.jsonl`` /
-``.json``) or Parquet (``.parquet``, as the Hugging Face Hub serves the multilingual set).
+``.json``) or Parquet (``.parquet``, as the Hugging Face Hub serves the multilingual set), or
+a Hub dataset by name: ``hub:databricks/databricks-dolly-15k`` (split ``train``) or
+``hub:argilla/databricks-dolly-15k-curated-multilingual@es`` (``@split``), through
+``datasets.load_dataset``.
 
 The prompt is the instruction, followed by ``"\\n\\nContext:\\n" + context`` when the context
 is non-empty; the reference is the response.  Both are stripped of surrounding whitespace.
@@ -60,6 +63,26 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {index}", row
 
 
+HUB_PREFIX = "hub:"
+
+
+def hub_name(path: str | Path) -> tuple[str, str] | None:
+    """``(dataset, split)`` of a ``hub:NAME[@SPLIT]`` path (split default ``train``), else None."""
+    text = str(path)
+    if not text.startswith(HUB_PREFIX):
+        return None
+    name, _, split = text[len(HUB_PREFIX) :].partition("@")
+    return name, split or "train"
+
+
+def _iter_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    """``(location, row dict)`` per row of a Hub dataset split (``datasets`` caches it)."""
+    from datasets import load_dataset  # a dependency; imported lazily
+
+    for index, row in enumerate(load_dataset(name, split=split), start=1):
+        yield f"{HUB_PREFIX}{name}@{split}:row {index}", row
+
+
 def _field(obj: dict, key: str, where: str, required: bool) -> str:
     if key not in obj or (obj[key] is None and not required):
         if required:
@@ -88,8 +111,8 @@ def load_dolly(
     """Read a Dolly-schema JSONL or Parquet file into :class:`TaskRecord` objects.
 
     Args:
-        path: ``.jsonl``/``.json`` (one JSON object per line, blank lines ignored) or
-            ``.parquet``.
+        path: ``.jsonl``/``.json`` (one JSON object per line, blank lines ignored),
+            ``.parquet``, or ``hub:NAME[@SPLIT]`` (a Hub dataset in this schema).
         limit: Read at most this many records (in file order).
         name: Prefix of the uids; defaults to the file stem.
 
@@ -104,11 +127,16 @@ def load_dolly(
             ``instruction``/``response``, a non-string field or a duplicate uid; the message
             names the file and the 1-based line (JSONL) or row (Parquet).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Dolly file not found: {path}")
-    rows = _iter_parquet(path) if path.suffix == ".parquet" else _iter_jsonl(path)
-    prefix = name or path.stem
+    hub = hub_name(path)
+    if hub is not None:
+        rows = _iter_hub(*hub)
+        prefix = name or f"{hub[0].rsplit('/', 1)[-1]}-{hub[1]}"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Dolly file not found: {path}")
+        rows = _iter_parquet(path) if path.suffix == ".parquet" else _iter_jsonl(path)
+        prefix = name or path.stem
     records: list[TaskRecord] = []
     seen: set[str] = set()
     for where, obj in rows:

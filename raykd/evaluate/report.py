@@ -6,7 +6,9 @@
       "task": "stdlib_code", "kind": "code" | "text",
       "models": {
         "teacher":        {"rouge_l": 41.2, "parse_rate": 88.0, "params": 134515008,
-                           "size_mb": 270.0,
+                           "size_mb": 270.0, (code tasks with tests:) "pass_at_1": 12.5,
+                           "pass_at_1_stderr": 3.4, "sampled_pass_at_5": 30.1,
+                           "format_rate": 97.0, "reasoning_words": 0.0,
                            "samples": [{"prompt": ..., "prediction": ..., "reference": ...}]},
         "student_before": {...}, "student_after": {...}, <any other model>: {...}
       },
@@ -136,21 +138,31 @@ def render_markdown(summary: Mapping[str, Any], num_samples: int = 3) -> str:
     """The Markdown report for a :func:`summarize` result."""
     models: dict[str, dict] = summary["models"]
     out = [f"# raykd report — {summary['task']} ({summary['kind']})", ""]
+    executed = any(m.get("pass_at_1") is not None for m in models.values())
+    exec_head = " pass@1 | sampled pass@k | format | reasoning words |" if executed else ""
     out += [
-        "| model | Rouge-L | parse rate | retention vs teacher | params | size MB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | Rouge-L | parse rate |" + exec_head + " retention vs teacher | params "
+        "| size MB |",
+        "|---|---:|---:|" + "---:|" * (4 if executed else 0) + "---:|---:|---:|",
     ]
     code = summary["kind"] == "code"
     for name, m in models.items():
         parse = _fmt(m.get("parse_rate")) if code or "parse_rate" in m else "—"
         ret = "—" if name == TEACHER else _fmt(m.get("retention"))
+        cells = _exec_cells(m) if executed else ""
         out.append(
-            f"| {name} | {_fmt(m.get('rouge_l'))} | {parse} | {ret} "
+            f"| {name} | {_fmt(m.get('rouge_l'))} | {parse} |{cells} {ret} "
             f"| {_fmt_params(m.get('params'))} | {_fmt(m.get('size_mb'))} |"
         )
     if not models:
         out.append("| (no models evaluated) | — | — | — | — | — |")
-    out += ["", "Rouge-L is F1 x 100; retention is 100 x student Rouge-L / teacher Rouge-L.", ""]
+    out += ["", "Rouge-L is F1 x 100; retention is 100 x student Rouge-L / teacher Rouge-L."]
+    if executed:
+        out += ["pass@1: % of problems whose greedy answer passes all its tests in the sandbox "
+                "(± binomial standard error); sampled pass@k: unbiased estimator "
+                "1 - C(n-c,k)/C(n,k) over n sampled decodes; format: % of answers in the "
+                "task's format; reasoning words: mean words inside <think>."]  # fmt: skip
+    out.append("")
 
     out += ["## Training stages", ""]
     if summary["stages"]:
@@ -192,6 +204,18 @@ def render_markdown(summary: Mapping[str, Any], num_samples: int = 3) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _exec_cells(m: Mapping[str, Any]) -> str:
+    """The execution columns of one model row: pass@1 ± stderr, sampled pass@k, format,
+    reasoning words."""
+    if m.get("pass_at_1") is None:
+        return " — | — | — | — |"
+    p1 = f"{_fmt(m['pass_at_1'])} ± {_fmt(m.get('pass_at_1_stderr'))}"
+    ks = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("sampled_pass_at_"))
+    sampled = ", ".join(f"@{k} {_fmt(m[f'sampled_pass_at_{k}'])}" for k in ks) or "—"
+    return (f" {p1} | {sampled} | {_fmt(m.get('format_rate'))} "
+            f"| {_fmt(m.get('reasoning_words'))} |")  # fmt: skip
+
+
 def render_png(summary: Mapping[str, Any]) -> bytes:
     """PNG bytes: one loss-curve panel per training stage plus a bar panel of eval scores."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -214,6 +238,8 @@ def render_png(summary: Mapping[str, Any]) -> bytes:
     metrics = [("rouge_l", "Rouge-L")]
     if summary["kind"] == "code" or any("parse_rate" in m for m in summary["models"].values()):
         metrics.append(("parse_rate", "parse rate"))
+    if any(m.get("pass_at_1") is not None for m in summary["models"].values()):
+        metrics.append(("pass_at_1", "pass@1"))
     width = 0.8 / len(metrics)
     for j, (key, label) in enumerate(metrics):
         values = [_num(summary["models"][n].get(key)) for n in names]

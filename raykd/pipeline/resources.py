@@ -6,7 +6,8 @@ needs, per role slot, the most actors any one stage (or evaluation) holds at onc
 * ``learner``: ``learner.num_ranks`` bundles of ``cpus/gpus_per_rank`` (every training stage);
 * ``rollout``: ``rollout.num_workers`` (evaluation always decodes; on-policy stages sample);
 * ``teacher``: ``teacher.num_workers`` (stages that score with the teacher or a reference);
-* ``teacher_rollout``: a second sampler set, for GKD with fresh teacher samples.
+* ``teacher_rollout``: a second sampler set, for GKD with fresh teacher samples;
+* ``reference``: GRPO's frozen reference when the teacher scores rewards in the same stage.
 
 :func:`run_bundles` lists them after a driver bundle, in the order a Ray Tune
 ``PlacementGroupFactory`` wants (bundle 0 is the trial's driver); :func:`slot_indices` says
@@ -35,7 +36,11 @@ def stage_slots(cfg, stage: dict) -> set[str]:
         slots.add("rollout")
     if algo in ("word_kd", "gkd") or (algo == "reverse_kl" and p.mix_alpha == 0):
         slots.add("teacher")
-    if algo == "grpo" and p.beta > 0:
+    if algo == "grpo" and p.teacher_logprob_weight > 0:
+        slots.add("teacher")  # the teacher scores the sampled responses (a reward term)
+        if p.beta > 0:
+            slots.add("reference")  # the frozen reference then needs bundles of its own
+    elif algo == "grpo" and p.beta > 0:
         slots.add("teacher")  # the frozen reference runs on the teacher's resources
     if algo == "gkd" and p.off_policy == "teacher" and p.lmbda < 1:
         slots.add("teacher_rollout")
@@ -54,6 +59,7 @@ def slot_bundles(cfg) -> dict[str, list[dict[str, float]]]:
         "rollout": (rc.num_workers, _bundle(rc.cpus_per_worker, rc.gpus_per_worker)),
         "teacher": (tc.num_workers, _bundle(tc.cpus_per_worker, tc.gpus_per_worker)),
         "teacher_rollout": (rc.num_workers, _bundle(rc.cpus_per_worker, rc.gpus_per_worker)),
+        "reference": (tc.num_workers, _bundle(tc.cpus_per_worker, tc.gpus_per_worker)),
     }
     return {s: [dict(b) for _ in range(n)] for s, (n, b) in sizes.items() if s in used}
 

@@ -18,8 +18,7 @@ to a reporter callback (the console by default; a Tune trial passes its own).
 
 from __future__ import annotations
 
-import hashlib
-import json
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from raykd.models import (
     save_model,
     select_layers,
 )
+from raykd.pipeline.provenance import Provenance, digest, file_fingerprint
 from raykd.roles.factory import SlotPlacement, sampler_group
 from raykd.roles.runtime import init_ray
 from raykd.roles.target_cache import model_fingerprint
@@ -115,40 +115,49 @@ def build_student(cfg, teacher_path: str, calibration: list[str], out_dir: Path)
     return info
 
 
-def _evaluate(cfg, rundir: RunDir, label: str, model_path: str, task, placement=None) -> dict:
-    cached = rundir.path("eval", f"{label}.json")
-    if cached.exists():
-        return json.loads(cached.read_text())
+def _evaluate(cfg, rundir: RunDir, prov: Provenance, label: str, model_path: str, task,
+              placement=None) -> dict:  # fmt: skip
+    record = rundir.path("eval", f"{label}.json")
+    key = digest({
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "data_file": file_fingerprint(cfg.data.path),
+        "rollout": {k: cfg.rollout[k] for k in ("backend", "dtype")},
+        "model": model_fingerprint(model_path),
+    })  # fmt: skip
+    cached = prov.reuse(record, key, [], chain=False)
+    if cached is not None:
+        return cached
     with sampler_group(cfg, model_path, placement=placement) as rollouts:
         result = evaluate_model(rollouts, task.eval, task.kind, cfg.eval, label)
     result["model_path"] = model_path
     result["size_mb"] = model_size_mb(model_path)
     result["params"] = stored_parameters(model_path)
-    atomic_write_json(cached, result)
+    result["config_hash"] = key
+    atomic_write_json(record, result)
     return result
 
 
 def stage_hash(cfg, stage: dict, params, model_in: str, teacher_path: str) -> str:
     """Fingerprint of what a stage's result depends on: its parameters, the sections every
-    stage reads, its input model and teacher (weights), the data settings."""
+    stage reads, its input model and teacher (weights), the data settings and file."""
     sections = {k: OmegaConf.to_container(cfg[k], resolve=True)
                 for k in ("learner", "rollout", "teacher", "data", "student")}  # fmt: skip
-    payload = {
+    return digest({
         "stage": stage,
         "params": OmegaConf.to_container(params, resolve=True),
         "sections": sections,
         "seed": cfg.run.seed,
+        "checkpoint_every": cfg.pipeline.checkpoint_every,
+        "data_file": file_fingerprint(cfg.data.path),
         "model_in": model_fingerprint(model_in),
         "teacher": model_fingerprint(teacher_path),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
-        :16
-    ]
+    })  # fmt: skip
 
 
 def _run_stage(
-    cfg, rundir: RunDir, stage: dict, model_in: str, teacher_path: str, task, tokenizer,
-    reporter: Reporter, placement: SlotPlacement | None,
+    cfg, rundir: RunDir, prov: Provenance, stage: dict, model_in: str, teacher_path: str, task,
+    tokenizer, reporter: Reporter, placement: SlotPlacement | None,
 ) -> tuple[dict, str]:  # fmt: skip
     """Run (or skip, when done; or resume, when checkpointed) one stage that trains
     ``model_in`` with the stage's algorithm into ``models/<name>``; return its summary and
@@ -156,10 +165,17 @@ def _run_stage(
     name = stage["name"]
     out = rundir.model_dir(name)
     recover_dir(out)
-    summary = rundir.stage_done(name)
-    if summary is None or not out.exists():
+    params = stage_params(cfg, stage)
+    config_hash = stage_hash(cfg, stage, params, model_in, teacher_path)
+    outputs = [
+        out,
+        rundir.checkpoint_dir(name),
+        rundir.path("data", f"{name}-teacher_samples.jsonl"),
+        rundir.path("data", f"{name}-completions.jsonl"),  # GRPO's sampled completions
+    ]
+    summary = prov.reuse(rundir.path("stages", f"{name}.json"), config_hash, outputs)
+    if summary is None:
         print(f"[raykd] stage {name} ({stage['algorithm']}) starting from {model_in}", flush=True)
-        params = stage_params(cfg, stage)
         ctx = StageContext(
             cfg=cfg,
             params=params,
@@ -173,8 +189,8 @@ def _run_stage(
             tokenizer_path=teacher_path,
             placement=placement,
             reporter=reporter,
+            heldout=task.eval,
         )
-        config_hash = stage_hash(cfg, stage, params, model_in, teacher_path)
         summary = {**get_algorithm(stage["algorithm"])(ctx), "config_hash": config_hash}
         rundir.mark_done(name, summary)
     return summary, str(out)
@@ -193,6 +209,8 @@ def run_pipeline(
     reporter = reporter or console_reporter
     t_start = time.time()
     rundir = run_dir_for(cfg)
+    prov = Provenance(rundir.root, cfg)
+    prov.check_directory()  # refuses another config's results before anything is written
     save_config(cfg, rundir.path("config.yaml"))
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus)
     print(f"[raykd] run directory: {rundir.root}", flush=True)
@@ -212,6 +230,12 @@ def run_pipeline(
         seed=cfg.run.seed,
         system_prompt=dc.system_prompt,
     )
+    if dc.eval_task:  # held out on another task (e.g. train on function_tasks, eval HumanEval)
+        held = load_task(dc.eval_task, tokenizer, path=dc.eval_path, max_length=dc.max_length,
+                         num_train=0, num_eval=dc.num_eval, eval_fraction=dc.eval_fraction,
+                         seed=cfg.run.seed, system_prompt=dc.system_prompt)  # fmt: skip
+        task.eval, task.kind = held.eval, held.kind
+        task.stats.update(eval=len(held.eval), eval_task=held.stats)
     atomic_write_json(rundir.path("stages", "data.json"), task.stats)
     print(
         f"[raykd] task {dc.task}: {len(task.train)} train / {len(task.eval)} eval examples "
@@ -224,7 +248,7 @@ def run_pipeline(
 
     def run_stage(stage, model_in, teacher):
         return _run_stage(
-            cfg, rundir, stage, model_in, teacher, task, tokenizer, reporter, placement
+            cfg, rundir, prov, stage, model_in, teacher, task, tokenizer, reporter, placement
         )
 
     # teacher stages (fine-tuning): from here on the tuned teacher is "the teacher"
@@ -238,17 +262,25 @@ def run_pipeline(
     # student
     student_dir = rundir.model_dir("student_init")
     recover_dir(student_dir)
-    student_info = rundir.stage_done("student")
-    if student_info is None or not student_dir.exists():
+    student_key = digest({
+        "student": OmegaConf.to_container(cfg.student, resolve=True),
+        "teacher": model_fingerprint(teacher_path),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "data_file": file_fingerprint(cfg.data.path),
+        "seed": cfg.run.seed,
+    })  # fmt: skip
+    student_info = prov.reuse(rundir.path("stages", "student.json"), student_key, [student_dir])
+    if student_info is None:
         calib = [
             ex.prompt_text + ex.reference for ex in task.train[: cfg.student.calibration_prompts]
         ]
-        student_info = build_student(cfg, teacher_path, calib, student_dir)
+        student_info = {**build_student(cfg, teacher_path, calib, student_dir),
+                        "config_hash": student_key}  # fmt: skip
         rundir.mark_done("student", student_info)
     print(f"[raykd] student: {student_info.get('layers', student_info['init'])}", flush=True)
 
     def evaluate(label, path):
-        return _evaluate(cfg, rundir, label, path, task, placement)
+        return _evaluate(cfg, rundir, prov, label, path, task, placement)
 
     if cfg.pipeline.eval_teacher:
         if teacher_path != base_teacher:
@@ -266,6 +298,8 @@ def run_pipeline(
     if student_stages:
         results["models"]["student_after"] = evaluate("student_after", current)
         final = rundir.model_dir("final")
+        if prov.redone and final.exists():
+            shutil.rmtree(final)  # a copy of a stage that was redone
         if not final.exists():
             save_model(load_model(current), tokenizer, final)
     t_params = (student_info.get("teacher_params") or {}).get("total")

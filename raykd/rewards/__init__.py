@@ -2,9 +2,11 @@
 
 A reward is a batch function ``fn(examples, completions, **params) -> list[float]`` registered
 by name in :data:`REWARDS` (:mod:`raykd.rewards.registry`); :func:`combine` forms a weighted
-sum of named ones. Text rewards of one completion live in :mod:`raykd.rewards.text`.
+sum of named ones. Text rewards of one completion live in :mod:`raykd.rewards.text`; the
+execution reward (tests run in the sandbox) in :mod:`raykd.rewards.execution`.
 """
 
+from raykd.rewards.execution import execution_reward
 from raykd.rewards.registry import (
     REWARDS,
     BatchReward,
@@ -26,6 +28,7 @@ __all__ = [
     "BatchReward",
     "WeightedRewards",
     "combine",
+    "execution_reward",
     "format_reward",
     "get_reward",
     "length_reward",

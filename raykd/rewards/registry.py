@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from raykd.rewards.execution import execution_reward
 from raykd.rewards.text import (
     format_reward,
     length_reward,
@@ -44,6 +45,7 @@ REWARDS: dict[str, BatchReward] = {
     "reasoning_steps": per_completion(reasoning_steps_reward),
     "length": per_completion(length_reward),
     "reference_overlap": per_completion(reference_overlap_reward),
+    "execution": execution_reward,  # runs the problem's tests in the sandbox
 }
 
 

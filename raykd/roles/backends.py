@@ -43,6 +43,18 @@ class Sampler(abc.ABC):
 
     capabilities: ClassVar[SamplerCapabilities] = SamplerCapabilities()
 
+    @classmethod
+    def config_kwargs(cls, section) -> dict:
+        """Extra constructor keyword arguments from the role's config section (``rollout``),
+        e.g. engine settings; none by default."""
+        return {}
+
+    @classmethod
+    def runtime_env(cls, section, given: dict | None = None) -> dict | None:
+        """The Ray ``runtime_env`` of this backend's actors: by default the section's own
+        (``given``); a backend with its own environment merges ``given`` over its defaults."""
+        return given or None
+
     @abc.abstractmethod
     def generate(
         self,
@@ -76,6 +88,16 @@ class Sampler(abc.ABC):
 class Scorer(abc.ABC):
     """A frozen model that scores given sequences (the teacher, or GRPO's reference)."""
 
+    @classmethod
+    def config_kwargs(cls, section) -> dict:
+        """Extra constructor keyword arguments from the role's config section (``teacher``)."""
+        return {}
+
+    @classmethod
+    def runtime_env(cls, section, given: dict | None = None) -> dict | None:
+        """The Ray ``runtime_env`` of this backend's actors (see :meth:`Sampler.runtime_env`)."""
+        return given or None
+
     @abc.abstractmethod
     def token_logprobs(self, batch: SequenceBatch) -> torch.Tensor:
         """``log p(x_t | x_<t)`` of each given token, aligned ``[B, T]``, zero off the loss
@@ -89,8 +111,22 @@ class Scorer(abc.ABC):
         ``log_softmax(z / tau)`` at the ``n`` positions where the loss mask is 1, in order."""
 
 
-SAMPLERS: dict[str, str] = {"hf": "raykd.roles.rollout:HFRolloutWorker"}
-SCORERS: dict[str, str] = {"hf": "raykd.roles.teacher:HFTeacherScorer"}
+SAMPLERS: dict[str, str] = {
+    "hf": "raykd.roles.rollout:HFRolloutWorker",
+    "vllm": "raykd.roles.vllm.sampler:VLLMRolloutWorker",
+}
+SCORERS: dict[str, str] = {
+    "hf": "raykd.roles.teacher:HFTeacherScorer",
+    "vllm": "raykd.roles.vllm.scorer:VLLMTeacherScorer",
+}
+
+
+def merged_runtime_env(base: dict, given: dict | None) -> dict:
+    """``given`` (the role's ``runtime_env`` from config) over a backend's ``base``: its keys
+    win, except ``env_vars``, which are merged (``given``'s win)."""
+    given = dict(given or {})
+    env = {**base.get("env_vars", {}), **given.pop("env_vars", {})}
+    return {**base, **given, **({"env_vars": env} if env else {})}
 
 
 def _load(table: dict[str, str], kind: str, name: str) -> type:

@@ -137,20 +137,24 @@ def scorer_group(
     dtype: str | None = None,
     name: str = "teacher",
     placement: SlotPlacement | None = None,
+    slot: str = "teacher",
 ) -> RoleGroup:
-    """``teacher.num_workers`` frozen scorers of ``model_path`` (``teacher.backend``)."""
+    """``teacher.num_workers`` frozen scorers of ``model_path`` (``teacher.backend``), on the
+    bundles of ``slot`` when the run has a reservation."""
     tc = cfg.teacher
+    cls = scorer_class(tc.backend)
     threads = actor_threads(tc.cpus_per_worker, tc.num_threads)
     dtype = dtype or tc.dtype
+    extra = cls.config_kwargs(tc)  # backend settings, e.g. the vLLM engine's
     return RoleGroup(
-        scorer_class(tc.backend),
+        cls,
         tc.num_workers,
         num_cpus=tc.cpus_per_worker,
         num_gpus=tc.gpus_per_worker,
-        make_args=lambda rank: ((model_path, dtype, threads), {}),
+        make_args=lambda rank: ((model_path, dtype, threads), dict(extra)),
         name=name,
-        placement=_placement(placement, "teacher", tc.num_workers),
-        runtime_env=_as_dict(tc.runtime_env) or None,
+        placement=_placement(placement, slot, tc.num_workers),
+        runtime_env=cls.runtime_env(tc, _as_dict(tc.runtime_env)),
     )
 
 
@@ -172,6 +176,7 @@ def sampler_group(
             "(reverse_kl.mix_alpha > 0); use rollout.backend=hf"
         )
     threads = actor_threads(rc.cpus_per_worker, rc.num_threads)
+    extra = cls.config_kwargs(rc)  # backend settings, e.g. the vLLM engine's
     return RoleGroup(
         cls,
         rc.num_workers,
@@ -179,9 +184,9 @@ def sampler_group(
         num_gpus=rc.gpus_per_worker,
         make_args=lambda rank: (
             (model_path, rc.dtype, threads),
-            {"mix_teacher": mix_teacher} if mix_teacher else {},
+            {**extra, **({"mix_teacher": mix_teacher} if mix_teacher else {})},
         ),
         name=slot,
         placement=_placement(placement, slot, rc.num_workers),
-        runtime_env=_as_dict(rc.runtime_env) or None,
+        runtime_env=cls.runtime_env(rc, _as_dict(rc.runtime_env)),
     )

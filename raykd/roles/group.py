@@ -63,6 +63,7 @@ class RoleGroup:
         self._own_pg = placement is None
         if placement is None:
             bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+            check_feasible(name, bundle, num)
             self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy)
             ray.get(self.pg.ready(), timeout=600)
             indices = list(range(num))
@@ -163,6 +164,26 @@ class RoleGroup:
         if self._own_pg and self.pg is not None:
             remove_placement_group(self.pg)
         self.pg = None
+
+
+def check_feasible(name: str, bundle: dict[str, float], num: int) -> None:
+    """Fail in seconds when a fixed-size cluster can never hold ``num`` actors of ``bundle``
+    (a laptop's embedded node, say), naming the role, what it asks and what exists. A cluster
+    with an autoscaler (``RAYKD_AUTOSCALING=1``, set by jobs on such clusters, or more nodes
+    than one) may still grow, so there the placement group simply waits."""
+    import os
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if os.environ.get("RAYKD_AUTOSCALING") == "1" or len(nodes) != 1:
+        return
+    have = nodes[0].get("Resources", {})
+    for key, amount in bundle.items():
+        if amount > have.get(key, 0.0) + 1e-9 or num * amount > have.get(key, 0.0) + 1e-9:
+            raise ValueError(
+                f"role '{name}' asks for {num} x {bundle} but this Ray node has "
+                f"{ {k: have.get(k, 0.0) for k in bundle} } in all: lower its resources in "
+                "the config (cpus_per_* / gpus_per_* / num_workers / num_ranks)"
+            )
 
 
 def gather(refs: Iterable[ray.ObjectRef]) -> list[Any]:

@@ -44,6 +44,49 @@ def _skip_cpu_shm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def _loopback_process_group(backend: str, port: int, rank: int, world: int) -> None:
+    """The default process group with its rendezvous store on 127.0.0.1 only (torch's own
+    ``env://`` store listens on every interface); DeepSpeed then reuses the group.
+
+    Rank 0 binds the listening socket itself and hands its fd to the store server."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    listen = None
+    if rank == 0:
+        listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listen.bind(("127.0.0.1", port))
+        listen.listen(128)
+    store = dist.TCPStore(
+        "127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(minutes=10),
+        wait_for_workers=False, master_listen_fd=listen.fileno() if listen else None,
+    )  # fmt: skip
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    _KEEP.append((store, listen))
+
+
+_KEEP: list = []  # the store and its socket live as long as the process group
+
+
+def _weights_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint reader with ``torch.load(weights_only=True)``: tensors,
+    containers and primitives, plus the few plain-data DeepSpeed types its checkpoints hold
+    (loss-scaler state, the ZeRO stage enum, fragment addresses). A checkpoint that needs
+    anything else fails to load instead of running code. The run directory is trusted only
+    as far as this: its config is YAML, metrics JSON, models safetensors."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def _set_threads(num_threads: int | None) -> None:
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -70,7 +113,7 @@ class Learner:
 
         single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
         addr = "127.0.0.1" if single_node else ray.util.get_node_ip_address()
-        return addr, free_port()
+        return addr, free_port(addr)
 
     def setup(self, master_addr: str, master_port: int, model_path: str, cfg: dict) -> int:
         """Join the process group, load the model, build the DeepSpeed engine.
@@ -94,6 +137,10 @@ class Learner:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _skip_cpu_shm_op()
+        if master_addr == "127.0.0.1":
+            _loopback_process_group(
+                "nccl" if on_gpu else "gloo", master_port, self.rank, self.world_size
+            )
         deepspeed.init_distributed(
             dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, verbose=False
         )
@@ -220,6 +267,65 @@ class Learner:
             sd.pop("lm_head.weight", None)
         return [ray.put(b) for b in named_buckets(sd.items(), bucket_bytes)]
 
+    # ---- weight sync over a torch process group / CUDA IPC (raykd.roles.weight_sync) -------
+    def _sync_tensors(self) -> list[tuple[str, torch.Tensor]] | None:
+        """Rank 0: the full weights to sync as ``(name, tensor)`` pairs, a tied ``lm_head``
+        left out; None on other ranks. Every rank must call (ZeRO-3 gathers)."""
+        sd = self.state_dict()
+        if sd is None:
+            return None
+        if getattr(self.engine.module.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        return list(sd.items())
+
+    def weight_group_address(self) -> tuple[str, int, str]:
+        """Rank 0: ``(host, free port, backend)`` of a new weight-sync group (``gloo`` for
+        CPU weights, ``nccl`` for CUDA ones)."""
+        from raykd.roles.tensor_transport import group_backend
+
+        host, port = self.rendezvous()
+        return host, port, group_backend(next(self.engine.module.parameters()).device)
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> int:
+        """Rank 0: host the weight-sync group as its rank 0 (returns once all have joined)."""
+        from raykd.roles.tensor_transport import stateless_group
+
+        device = next(self.engine.module.parameters()).device if backend == "nccl" else "cpu"
+        self._weight_group = (stateless_group(host, port, 0, world_size, backend), device)
+        return 0
+
+    def broadcast_weights(self, bucket_bytes: int) -> dict:
+        """Every rank calls; rank 0 broadcasts the weights in buckets over the weight-sync
+        group (:func:`raykd.roles.tensor_transport.send_buckets`). Returns its counts."""
+        from raykd.roles.tensor_transport import send_buckets
+        from raykd.roles.weight_sync import named_buckets
+
+        named = self._sync_tensors()
+        if named is None:
+            return {}
+        group, device = self._weight_group
+        return send_buckets(group, list(named_buckets(named, bucket_bytes)), device)
+
+    def share_weights_ipc(self, bucket_bytes: int) -> list:
+        """Every rank calls; rank 0 packs the weights into CUDA buffers, kept alive until
+        :meth:`release_ipc_weights`, and returns ``[(ipc handle, layout), ...]``."""
+        from raykd.roles.tensor_transport import export_ipc, pack_bucket
+        from raykd.roles.weight_sync import named_buckets
+
+        named = self._sync_tensors()
+        if named is None:
+            return []
+        self._ipc_buffers, payload = [], []
+        for bucket in named_buckets(named, bucket_bytes):
+            buf, layout = pack_bucket(bucket)
+            self._ipc_buffers.append(buf)
+            payload.append((export_ipc(buf), layout))
+        torch.cuda.synchronize()
+        return payload
+
+    def release_ipc_weights(self) -> None:
+        self._ipc_buffers = []
+
     def weight_digest(self) -> float:
         """A fingerprint of this rank's full weights (sum of |w| in float64) to compare ranks.
 
@@ -267,6 +373,8 @@ class Learner:
         recover_dir(target)
         if not (target / "raykd_state.json").exists():
             return None
+        engine = self.engine.checkpoint_engine
+        engine.load = _weights_only_load  # never unpickle code from a checkpoint file
         _, client_state = self.engine.load_checkpoint(str(target), tag="step")
         self.step = int(client_state.get("step", 0))
         return client_state

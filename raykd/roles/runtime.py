@@ -40,8 +40,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if address is None and "RAY_ADDRESS" in os.environ:
         address = os.environ["RAY_ADDRESS"]
     if address:
+        local = address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost", "auto")
+        if os.environ.get("RAYKD_LOOPBACK_NODE") and not local:
+            raise RuntimeError(
+                f"ray.address={address!r} is a remote cluster, but this process configured Ray "
+                "for a loopback-only node (RAY_ADDRESS was unset when raykd was imported); "
+                f"set RAY_ADDRESS={address} in the environment instead"
+            )
         return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1
+    # The embedded node listens on 127.0.0.1 only (raykd/__init__.py set
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray was imported).
     return ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         num_gpus=num_gpus or 0,
@@ -54,7 +62,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     )
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]

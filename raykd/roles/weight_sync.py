@@ -11,8 +11,15 @@ Strategies (:data:`STRATEGIES`):
   tensors, see :mod:`raykd.roles.runtime`) and every sampler loads it. The CPU default and the
   fallback everywhere.
 
-A torch process-group broadcast from learner rank 0 (gloo on CPU, NCCL on GPU) and CUDA IPC
-for colocated engines plug in here as further strategies, with the same bucket stream.
+* ``torch_group`` — a process group of its own (not ``torch.distributed``'s default group,
+  which DeepSpeed and vLLM already own) between learner rank 0 and every engine worker of the
+  samplers: gloo on CPU, NCCL on GPU; built on the first sync, then rank 0 broadcasts each
+  packed bucket (:mod:`raykd.roles.tensor_transport`). Torch only on the learner side.
+* ``cuda_ipc`` — engines colocated with learner rank 0 on one GPU open its packed CUDA
+  buffers through CUDA IPC handles (no copy through the host).
+
+``torch_group`` and ``cuda_ipc`` need a sampler backend that takes them
+(``SamplerCapabilities.weight_sync``: the ``vllm`` backend; checked at config load).
 """
 
 from __future__ import annotations
@@ -71,7 +78,77 @@ class ObjectStoreSync:
         }
 
 
-STRATEGIES: dict[str, type] = {"object_store": ObjectStoreSync}
+class TorchGroupSync(ObjectStoreSync):
+    """Learner rank 0 broadcasts buckets over a stateless torch process group to every engine
+    worker of the samplers (gloo on CPU, NCCL on GPU)."""
+
+    name = "torch_group"
+
+    def __init__(self, bucket_mb: float = 64.0):
+        super().__init__(bucket_mb)
+        self._members = None  # the sampler group the process group was built with
+
+    def connect(self, learners, samplers) -> dict[str, float]:
+        """Build the group: learner rank 0 is rank 0, sampler ``i``'s engine workers follow."""
+        import ray
+
+        t0 = time.perf_counter()
+        host, port, backend = learners.call_rank(0, "weight_group_address")
+        workers = samplers.call("engine_workers")
+        world = 1 + sum(workers)
+        offsets = [1 + sum(workers[:i]) for i in range(len(workers))]
+        refs = [learners.actors[0].join_weight_group.remote(host, port, world, backend)]
+        refs += [
+            actor.join_weight_group.remote(host, port, offset, world, backend)
+            for actor, offset in zip(samplers.actors, offsets)
+        ]
+        ray.get(refs)
+        self._members = samplers
+        return {"sync_connect_seconds": time.perf_counter() - t0, "sync_world": float(world)}
+
+    def sync(self, learners, samplers) -> dict[str, float]:
+        import ray
+
+        t0 = time.perf_counter()
+        stats = self.connect(learners, samplers) if self._members is not samplers else {}
+        receiving = samplers.call_async("receive_weights")
+        # Every rank takes part (ZeRO-3 gathers); rank 0 sends.
+        sent = ray.get(learners.call_async("broadcast_weights", self.bucket_bytes))[0]
+        loaded = ray.get(receiving)
+        return {
+            **stats,
+            "sync_seconds": time.perf_counter() - t0,
+            "sync_buckets": float(sent["buckets"]),
+            "sync_tensors": float(sum(loaded) / max(1, len(samplers))),
+            "sync_mb": sent["bytes"] / 2**20,
+        }
+
+
+class CudaIpcSync(ObjectStoreSync):
+    """Engines on learner rank 0's GPU load its packed CUDA buffers through IPC handles; the
+    learner frees the buffers once every engine has loaded them."""
+
+    name = "cuda_ipc"
+
+    def sync(self, learners, samplers) -> dict[str, float]:
+        t0 = time.perf_counter()
+        payload = learners.call("share_weights_ipc", self.bucket_bytes)[0]
+        try:
+            loaded = samplers.call("load_ipc_weights", payload)
+        finally:
+            learners.call_rank(0, "release_ipc_weights")
+        return {
+            "sync_seconds": time.perf_counter() - t0,
+            "sync_buckets": float(len(payload)),
+            "sync_tensors": float(sum(loaded) / max(1, len(samplers))),
+        }
+
+
+STRATEGIES: dict[str, type] = {
+    "object_store": ObjectStoreSync,
+    "torch_group": TorchGroupSync,
+    "cuda_ipc": CudaIpcSync,
+}
 
 
 def make_strategy(name: str, bucket_mb: float):

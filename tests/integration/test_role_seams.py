@@ -174,3 +174,40 @@ def test_slot_placement_puts_each_role_in_its_bundles(ray_node, tiny_teacher):
             slots.take("learner", 1)
     finally:
         remove_placement_group(pg)
+
+
+def test_the_embedded_node_listens_on_loopback_only(ray_node, tiny_teacher):
+    """Every socket the node's processes (gcs, raylet, workers, agents) and a learner group's
+    rendezvous listen on is a loopback address, while actors are alive."""
+    import psutil
+
+    cfg = _cfg(tiny_teacher)
+    learners = learner_group(cfg, tiny_teacher, SETUP)
+    try:
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        me = psutil.Process()
+        listening = set()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                conns = proc.net_connections(kind="inet")
+            except psutil.Error:
+                continue
+            listening |= {(proc.name(), c.laddr.ip) for c in conns
+                          if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        assert len(listening) >= 3, listening
+        exposed = {(n, ip) for n, ip in listening
+                   if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")}  # fmt: skip
+        assert not exposed, exposed
+    finally:
+        learners.shutdown()
+
+
+def test_an_infeasible_role_fails_in_seconds_naming_what_it_asked(ray_node):
+    import time
+
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"role 'echo' asks for 1 x \{'CPU': 4.0\}.*'CPU': 2.0"):
+        RoleGroup(Echo, 1, num_cpus=4.0, make_args=lambda r: ((r,), {}), name="echo")
+    with pytest.raises(ValueError, match="GPU"):
+        RoleGroup(Echo, 1, num_cpus=0.1, num_gpus=1, make_args=lambda r: ((r,), {}), name="echo")
+    assert time.time() - t0 < 30

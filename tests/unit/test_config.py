@@ -88,7 +88,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    confs = [p for p in (REPO / "conf").rglob("*.yaml")]
+    # sweep files hold a search space over a base config: tests/unit/test_sweep_spec.py
+    confs = [p for p in (REPO / "conf").rglob("*.yaml") if "sweep" not in p.parts]
     assert confs
     for p in confs:
         load_config(p)

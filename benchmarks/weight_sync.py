@@ -1,0 +1,170 @@
+"""Weight sync into a running vLLM engine, and vLLM vs hf decoding, on SmolLM2-135M (CPU).
+
+Measured, on one local Ray node (2 CPUs by default):
+
+* **engine start**: building a ``rollout.backend=vllm`` sampler group (actor in .venv-vllm,
+  in-process engine, ``enforce_eager``) until it answers;
+* **weight sync** of the full model (fp32, tied ``lm_head`` sent once) from a DeepSpeed
+  learner (one rank, ZeRO-0) into the engine, ``--repeats`` times per strategy:
+  ``object_store`` (buckets through Ray's object store, ``collective_rpc`` into the
+  in-process engine) and ``torch_group`` (gloo broadcast from learner rank 0; its first sync
+  also builds the group, reported apart); each includes vLLM's layerwise reload and the
+  prefix-cache reset; beside them a **plain in-process copy** of the same bytes
+  (``copy_`` into a second state dict), the floor;
+* **greedy decoding** of ``--prompts`` quickstart prompts (stdlib docstring -> code) x
+  ``--tokens`` new tokens by a vLLM sampler and an hf sampler (same threads), after one
+  warm-up call each: response tokens per second of wall time (Ray call included); and whether
+  the two agree (tokens identical, max |Δ log-prob| of the sampled tokens) on the synced
+  weights.
+
+Usage::
+
+    python benchmarks/weight_sync.py                 # needs .venv-vllm (make install-vllm)
+    python benchmarks/weight_sync.py --repeats 5 --bucket-mb 16
+
+Results go to ``benchmarks/results/weight_sync.json`` (``--out``) and a table is printed.
+Timings on a shared 2-core machine are noisy: the median of the repeats is reported with the
+min and max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP = dict(zero_stage=0, lr=1e-5, weight_decay=0.0, betas=[0.9, 0.95], warmup_steps=0,
+             micro_batch_size=2, grad_accum=1, grad_clip=1.0, seed=0)  # fmt: skip
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _prompts(model: str, n: int) -> list[list[int]]:
+    from raykd.data.tasks import load_task
+    from raykd.models import load_tokenizer
+
+    task = load_task("stdlib_code", load_tokenizer(model), num_train=n, num_eval=n)
+    return [ex.prompt_ids for ex in task.eval[:n]]
+
+
+def _decode(group, prompts, tokens) -> tuple[object, float]:
+    group.call("generate", prompts[:1], max_new_tokens=4, greedy=True)  # warm-up
+    t0 = time.perf_counter()
+    rollout = group.call("generate", prompts, max_new_tokens=tokens, greedy=True)[0]
+    seconds = time.perf_counter() - t0
+    return rollout, float(rollout.batch.loss_mask.sum()) / seconds
+
+
+def _plain_copy(model: str, repeats: int) -> list[float]:
+    from raykd.models import load_model
+
+    src = {k: v for k, v in load_model(model).state_dict().items() if k != "lm_head.weight"}
+    dst = {k: torch.empty_like(v) for k, v in src.items()}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for k, v in src.items():
+            dst[k].copy_(v)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "weight_sync.json"))
+    args = ap.parse_args()
+
+    from raykd.config import load_config
+    from raykd.models import resolve_model
+    from raykd.roles.factory import learner_group, sampler_group
+    from raykd.roles.runtime import init_ray
+    from raykd.roles.vllm.engine import venv_problem
+    from raykd.roles.weight_sync import TorchGroupSync
+
+    problem = venv_problem()
+    if problem:
+        raise SystemExit(problem)
+    model = resolve_model(args.model)
+    prompts = _prompts(model, args.prompts)
+    init_ray(num_cpus=2)
+
+    def cfg(backend):
+        return load_config(None, [
+            f"teacher.model={model}", f"rollout.backend={backend}",
+            f"rollout.num_threads={args.threads}", "rollout.cpus_per_worker=0.5",
+            f"learner.num_threads={args.threads}", "learner.cpus_per_rank=0.5",
+            "learner.zero_stage=0", f"rollout.sync_bucket_mb={args.bucket_mb}",
+        ])  # fmt: skip
+
+    out: dict = {"model": args.model, "bucket_mb": args.bucket_mb, "threads": args.threads,
+                 "machine": platform.processor() or platform.machine()}  # fmt: skip
+    t0 = time.perf_counter()
+    vllm = sampler_group(cfg("vllm"), model)
+    vllm.call("torch_threads")
+    out["engine_start_seconds"] = time.perf_counter() - t0
+    hf = sampler_group(cfg("hf"), model)
+    learners = learner_group(cfg("vllm"), model, SETUP)
+    try:
+        nbytes = sum(v.numel() * v.element_size() for k, v in
+                     learners.call("state_dict")[0].items() if k != "lm_head.weight")  # fmt: skip
+        out["sync_mb"] = nbytes / 2**20
+        syncs: dict[str, list[float]] = {"object_store": [], "torch_group": []}
+        for _ in range(args.repeats):
+            syncs["object_store"].append(learners.sync_weights(vllm)["sync_seconds"])
+        learners.weight_sync = TorchGroupSync(args.bucket_mb)
+        first = learners.sync_weights(vllm)
+        out["torch_group_connect_seconds"] = first["sync_connect_seconds"]
+        out["torch_group_first_sync_seconds"] = first["sync_seconds"]
+        for _ in range(args.repeats):
+            syncs["torch_group"].append(learners.sync_weights(vllm)["sync_seconds"])
+        out["sync_seconds"] = {k: _spread(v) for k, v in syncs.items()}
+        out["sync_seconds"]["plain_copy"] = _spread(_plain_copy(model, args.repeats))
+
+        got, vllm_tps = _decode(vllm, prompts, args.tokens)
+        want, hf_tps = _decode(hf, prompts, args.tokens)
+        mask = want.batch.loss_mask
+        same = got.batch.input_ids.tolist() == want.batch.input_ids.tolist()
+        out["decode"] = {
+            "prompts": len(prompts), "new_tokens": args.tokens,
+            "vllm_tokens_per_second": vllm_tps, "hf_tokens_per_second": hf_tps,
+            "greedy_tokens_identical": same,
+            "max_abs_logprob_delta": float(((got.logprobs - want.logprobs).abs() * mask).max())
+            if same else None,
+        }  # fmt: skip
+    finally:
+        learners.shutdown()
+        hf.shutdown()
+        vllm.shutdown()
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    s, d = out["sync_seconds"], out["decode"]
+    print(f"\n{args.model}: {out['sync_mb']:.0f} MiB fp32, buckets of {args.bucket_mb:g} MiB")
+    print(f"engine start (vLLM sampler group ready): {out['engine_start_seconds']:.1f} s")
+    print(f"{'weight sync':<28}{'median s':>10}{'min':>8}{'max':>8}")
+    for name in ("object_store", "torch_group", "plain_copy"):
+        print(f"{name:<28}{s[name]['median']:>10.2f}{s[name]['min']:>8.2f}{s[name]['max']:>8.2f}")
+    print(f"torch_group: group built in {out['torch_group_connect_seconds']:.2f} s (first sync "
+          f"{out['torch_group_first_sync_seconds']:.2f} s)")  # fmt: skip
+    print(f"greedy {d['prompts']}x{d['new_tokens']}: vLLM {d['vllm_tokens_per_second']:.1f} tok/s, "
+          f"hf {d['hf_tokens_per_second']:.1f} tok/s; tokens identical: "
+          f"{d['greedy_tokens_identical']}, max |Δ log-prob| {d['max_abs_logprob_delta']}")  # fmt: skip
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
