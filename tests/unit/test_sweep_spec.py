@@ -26,12 +26,13 @@ def sweep_file(tmp_path: Path, **spec) -> Path:
 def test_an_unknown_key_in_the_space_fails_at_load_naming_file_and_key(tmp_path):
     import ray
 
+    was_up = ray.is_initialized()  # the integration tests' session node may be up already
     path = sweep_file(tmp_path, space={"learner.lrr": {"grid": [1e-4, 1e-3]}})
     with pytest.raises(ConfigError) as err:
         load_sweep(path)
     msg = str(err.value)
     assert str(path) in msg and "learner.lrr=0.0001" in msg and "unknown config key" in msg
-    assert not ray.is_initialized()  # failed before any Ray node started
+    assert ray.is_initialized() == was_up  # failed before any Ray node started
 
 
 def test_a_bad_value_of_one_variant_fails_with_the_point(tmp_path):
@@ -153,7 +154,8 @@ def test_the_cli_reports_sweep_errors_without_starting_ray(tmp_path, capsys):
 
     from raykd.cli import main
 
+    was_up = ray.is_initialized()
     bad = sweep_file(tmp_path, space={"learner.nope": {"grid": [1]}})
     assert main(["sweep", str(bad)]) == 2
     assert "unknown config key" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == was_up
