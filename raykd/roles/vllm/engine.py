@@ -87,6 +87,14 @@ def runtime_env(settings: dict[str, Any]) -> dict[str, Any]:
     return {"py_executable": vllm_python(settings), "env_vars": process_env(settings)}
 
 
+def actor_runtime_env(section, given: dict | None = None) -> dict[str, Any]:
+    """The ``runtime_env`` of a vLLM sampler or scorer built from config ``section``: vLLM's
+    own, with the user's ``given`` one merged over it."""
+    from raykd.roles.backends import merged_runtime_env
+
+    return merged_runtime_env(runtime_env(settings_of(section)), given)
+
+
 def build_engine(
     model_path: str,
     dtype: str,

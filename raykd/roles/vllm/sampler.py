@@ -22,7 +22,7 @@ import os
 import torch
 
 from raykd.batch import Rollout, pad_rows, pad_sequences
-from raykd.roles.backends import Sampler, SamplerCapabilities, merged_runtime_env
+from raykd.roles.backends import Sampler, SamplerCapabilities
 from raykd.roles.rollout import _stop_ids  # the hf sampler's stop set, so both stop alike
 from raykd.roles.vllm import engine as eng
 
@@ -79,7 +79,7 @@ class VLLMRolloutWorker(Sampler):
 
     @classmethod
     def runtime_env(cls, section, given: dict | None = None) -> dict:
-        return merged_runtime_env(eng.runtime_env(eng.settings_of(section)), given)
+        return eng.actor_runtime_env(section, given)
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from raykd.batch import SequenceBatch
-from raykd.roles.backends import Scorer, merged_runtime_env
+from raykd.roles.backends import Scorer
 from raykd.roles.vllm import engine as eng
 
 
@@ -51,7 +51,7 @@ class VLLMTeacherScorer(Scorer):
 
     @classmethod
     def runtime_env(cls, section, given: dict | None = None) -> dict:
-        return merged_runtime_env(eng.runtime_env(eng.settings_of(section)), given)
+        return eng.actor_runtime_env(section, given)
 
     def __init__(
         self,
