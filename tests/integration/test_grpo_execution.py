@@ -39,15 +39,23 @@ def _build(path, eval_fraction, seed):
     return train, held, {}
 
 
+def _build_eval(path, eval_fraction, seed):
+    """An eval-only task (as HumanEval is): two problems, uids of their own."""
+    held = [TaskRecord(f"e/{r.uid}", r.prompt, r.reference, r.meta) for r in _records()[:2]]
+    return [], held, {}
+
+
 def test_grpo_execution_reward_values_cross_the_roles(ray_node, tiny_teacher, tmp_path,
                                                       monkeypatch):  # fmt: skip
     monkeypatch.setitem(TASKS, "x_is_one", TaskSpec(kind="code", build=_build))
+    monkeypatch.setitem(TASKS, "x_eval", TaskSpec(kind="code", build=_build_eval))
     steps, group = 3, 4
     cfg = tiny_config(
         tmp_path,
         tiny_teacher,
         "data.task=x_is_one",
         "data.path=null",
+        "data.eval_task=x_eval",  # held out on another task
         "pipeline.eval_teacher=false",
         "pipeline.eval_student_before=false",
         "pipeline.train=[sft,grpo]",
@@ -105,4 +113,6 @@ def test_grpo_execution_reward_values_cross_the_roles(ray_node, tiny_teacher, tm
     held = [Example(u, [], [], meta=meta[u]) for u in uids]  # in evaluation order
     verdicts = get_reward("execution", mode="all_or_nothing")(held, after["predictions"])
     assert after["pass_at_1"] == 100.0 * sum(verdicts) / 2
+    data = json.loads((run_dir / "stages" / "data.json").read_text())
+    assert data["eval"] == 2 and data["eval_task"]["task"] == "x_eval"
     assert "pass@1" in (run_dir / "report.md").read_text()
