@@ -47,6 +47,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "ensure_pad_token",
     "from_config",
+    "is_gptq_checkpoint",
     "load_model",
     "load_tokenizer",
     "model_cache_dir",
@@ -259,14 +260,33 @@ def _as_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     return value
 
 
+def is_gptq_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory/config.json`` declares a GPTQ ``quantization_config``."""
+    config = Path(directory).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return str(quant.get("quant_method", "")).lower() == "gptq"
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], dtype: str | torch.dtype = "float32", **kwargs: Any
 ) -> PreTrainedModel:
     """Load a causal LM (see :func:`resolve_model`) in ``dtype``, in eval mode.
 
     ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``).
+    A GPTQ checkpoint (:func:`is_gptq_checkpoint`, written by :mod:`raykd.quantize`) loads
+    with its packed weights (needs the ``quant`` extra); ``dtype`` is then the compute dtype
+    of the tensors that are not quantized.
     """
     resolved = resolve_model(name_or_path)
+    if is_gptq_checkpoint(resolved):
+        # transformers loads it through optimum + gptqmodel; import the latter first, the way
+        # raykd.models.gptq_backend keeps the process environment clean.
+        from raykd.models.gptq_backend import import_gptqmodel
+
+        import_gptqmodel()
+        kwargs.setdefault("device_map", "cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_as_dtype(dtype), **kwargs)
     except OSError as err:

@@ -13,7 +13,7 @@ transformers loads (with the ``quant`` extra: gptqmodel + optimum), and measure 
   quantized model is from the float one.
 
 GPTQModel is imported only inside the functions that need it (see
-:mod:`raykd.quantize._backend`); this package never imports Ray.
+:mod:`raykd.models.gptq_backend`); this package never imports Ray.
 """
 
 from raykd.quantize.accounting import checkpoint_stats
@@ -29,7 +29,7 @@ from raykd.quantize.measure import (
     weight_error,
 )
 from raykd.quantize.rtn import dequantize, rtn_quantize_weight, write_rtn_checkpoint
-from raykd.quantize.settings import (
+from raykd.config.quant import (
     METHODS,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,

@@ -41,10 +41,10 @@ from raykd.models import (
     model_size_mb,
     resolve_model,
 )
-from raykd.quantize._backend import import_gptqmodel
+from raykd.models.gptq_backend import import_gptqmodel
 from raykd.quantize.accounting import checkpoint_stats
 from raykd.quantize.rtn import write_rtn_checkpoint
-from raykd.quantize.settings import check_quant_config
+from raykd.config.quant import check_quant_config
 
 __all__ = ["SUMMARY_FILE", "quantize", "read_summary"]
 

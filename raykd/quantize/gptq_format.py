@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from raykd.quantize.settings import pack_multiple
+from raykd.config.quant import pack_multiple
 
 __all__ = ["dequantize_packed", "pack_linear", "pack_rows", "unpack_linear", "unpack_rows"]
 

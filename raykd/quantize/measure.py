@@ -30,7 +30,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from raykd.models import load_model, load_tokenizer, resolve_model
-from raykd.quantize._backend import import_gptqmodel
+from raykd.models.gptq_backend import import_gptqmodel
 from raykd.quantize.accounting import checkpoint_stats
 from raykd.quantize.gptq_format import dequantize_packed
 

@@ -12,8 +12,8 @@ integer codes into int32 words (the GPTQ checkpoint layout). That constrains the
 * every input and output size is a multiple of ``32 / gcd(32, bits)`` (8 for 4-bit, 4 for
   8-bit, 32 for 3-bit), so that codes and zero points fill whole int32 words.
 
-:func:`check_quant_config` works on a plain ``config.json`` dict (the lead calls it at config
-load time); :func:`check_quant_settings` also takes a bare hidden size, a transformers config,
+:func:`check_quant_config` works on a plain ``config.json`` dict (the pipeline calls it before any
+model loads); :func:`check_quant_settings` also takes a bare hidden size, a transformers config,
 a model or a model directory.
 """
 
