@@ -87,6 +87,76 @@ class StageContext:
         self.reporter(self.stage, step, total, {**metrics, "elapsed_seconds": time.time() - t0})
 
 
+# ---- where a step's time goes ----------------------------------------------------------
+def _union_seconds(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of the union of ``intervals`` clipped to ``[lo, hi]``."""
+    total, reach = 0.0, lo
+    for begin, end in sorted(intervals):
+        begin, end = max(begin, reach), min(end, hi)
+        if end > begin:
+            total += end - begin
+            reach = end
+    return total
+
+
+class StepTimer:
+    """Per-phase timings of one training step, logged as ``time/*`` metrics (seconds).
+
+    ``with timer.phase(name, *groups, **named_groups):`` around a phase of the step:
+
+    * ``time/<name>``: the controller's wall time in the block (what the step waited);
+    * ``time/<key>`` for each of ``named_groups``: the seconds that group's actors were
+      inside calls made in the block (for phases whose groups work at the same time, e.g.
+      teacher scoring beside the learners' old log-probs);
+    * ``time/ray_overhead``: summed over the phases, the wall time during which none of the
+      phase's actors was inside a call: driver wait minus time inside actors (scheduling,
+      argument and result transfer, serialisation). A phase without groups is controller work
+      and adds nothing to it;
+    * ``time/step``: from the timer's creation to :meth:`metrics`; ``time/controller``: the
+      part of it outside every phase (batching, advantages, ...).
+
+    Actors report their own ``(start, end)`` wall clock per call (:attr:`RoleGroup.busy`);
+    on one node the clocks agree, across nodes they are as close as the nodes' clocks.
+    """
+
+    def __init__(self):
+        self._t0 = time.time()
+        self.seconds: dict[str, float] = {}
+        self._overhead = 0.0
+        self._phased = 0.0
+
+    def _add(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def phase(self, name: str, *groups: RoleGroup, **named_groups: RoleGroup | None):
+        named = {k: g for k, g in named_groups.items() if g is not None}
+        every = list(groups) + list(named.values())
+        marks = [g.busy_mark() for g in every]
+        lo = time.time()
+        try:
+            yield
+        finally:
+            hi = time.time()
+            busy = [g.busy_since(m) for g, m in zip(every, marks)]
+            self._add(name, hi - lo)
+            self._phased += hi - lo
+            for (key, _), intervals in zip(named.items(), busy[len(groups) :]):
+                self._add(key, _union_seconds(intervals, lo, hi))
+            if every:
+                inside = _union_seconds([iv for b in busy for iv in b], lo, hi)
+                self._overhead += max(0.0, (hi - lo) - inside)
+
+    def metrics(self) -> dict[str, float]:
+        step = time.time() - self._t0
+        return {
+            **{f"time/{k}": v for k, v in self.seconds.items()},
+            "time/ray_overhead": self._overhead,
+            "time/controller": max(0.0, step - self._phased),
+            "time/step": step,
+        }
+
+
 # ---- roles -------------------------------------------------------------------------------
 class StageRoles(contextlib.ExitStack):
     """The role groups of one stage; leaving the ``with`` block shuts all of them down, on

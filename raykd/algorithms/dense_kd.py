@@ -33,6 +33,7 @@ import torch
 from raykd.algorithms.common import (
     StageContext,
     StageRoles,
+    StepTimer,
     dataset_batch,
     example_stream,
     finish,
@@ -178,11 +179,16 @@ def run(ctx: StageContext) -> dict:
         for step, examples in stream:
             if step >= kc.steps:
                 break
+            timer = StepTimer()
             tensors = dataset_batch(examples, ctx.pad_id)
             shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
-            metrics = learners.train_step(shards, dense_kd_loss, taid_t=schedule.t, **loss_kwargs)
+            with timer.phase("learner", learners):
+                metrics = learners.train_step(
+                    shards, dense_kd_loss, taid_t=schedule.t, **loss_kwargs
+                )
             if kc.objective == "taid":
                 schedule.step(metrics["kd"])  # t for the next step
+            metrics.update(timer.metrics())
             ctx.log(step + 1, kc.steps, metrics, t0)
             maybe_checkpoint(ctx, learners, step + 1, kc.steps, {"taid": schedule.state_dict()})
 

@@ -21,7 +21,7 @@ as an unbroken one.
 
 Loop: build learners, rollout workers (when ``lambda > 0``) and teacher scorers -> for step:
 draw on/off-policy -> responses -> teacher top-k targets -> train -> sync weights ->
-checkpoint -> export.
+checkpoint -> export (each step's phases timed: ``time/*``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 from raykd.algorithms.common import (
     StageContext,
     StageRoles,
+    StepTimer,
     batch_tensors,
     dataset_batch,
     example_stream,
@@ -116,29 +117,36 @@ def run(ctx: StageContext) -> dict:
         for step, examples in stream:
             if step >= gc.steps:
                 break
+            timer = StepTimer()
             on_policy = is_on_policy(cfg.run.seed, step, gc.lmbda)
             # Responses and teacher targets: the student's or the teacher's samples (scored
             # now) or the dataset's responses (scored once, then cached).
             if on_policy or teacher_samples:
                 sampler = samplers if on_policy else teacher_samplers
                 seed = cfg.run.seed * 1000 + step
-                batch = sample_rollouts(ctx, sampler, examples, seed=seed).batch
+                with timer.phase("sampling", sampler):
+                    batch = sample_rollouts(ctx, sampler, examples, seed=seed).batch
                 tensors = batch_tensors(batch)
-                targets = fresh_targets(scorers, batch, k, gc.temperature)
+                with timer.phase("teacher_scoring", scorers):
+                    targets = fresh_targets(scorers, batch, k, gc.temperature)
             else:
-                cache.fill(examples, scorers, ctx.pad_id, cfg.teacher.batch_size)
+                with timer.phase("teacher_scoring", scorers):
+                    cache.fill(examples, scorers, ctx.pad_id, cfg.teacher.batch_size)
                 tensors = dataset_batch(examples, ctx.pad_id)
                 targets = cache.dense(examples, tensors["loss_mask"])
             tensors["topk_logprobs"], tensors["topk_indices"] = targets
             shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
-            metrics = learners.train_step(shards, gkd_loss, **loss_kwargs)
+            with timer.phase("learner", learners):
+                metrics = learners.train_step(shards, gkd_loss, **loss_kwargs)
             # The samplers follow the student.
             if samplers is not None:
-                metrics.update(learners.sync_weights(samplers))
+                with timer.phase("weight_sync", learners, samplers):
+                    metrics.update(learners.sync_weights(samplers))
             mask = tensors["loss_mask"]
             metrics.update(
                 on_policy=float(on_policy), response_tokens=float(mask.sum() / mask.shape[0])
             )
+            metrics.update(timer.metrics())
             ctx.log(step + 1, gc.steps, metrics, t0)
             maybe_checkpoint(ctx, learners, step + 1, gc.steps)
 

@@ -26,7 +26,7 @@ by the learners); ``pi_ref`` is the stage's starting student, frozen and held by
 
 Loop: learners, rollout workers (+ reference scorers) -> for step: sample groups -> rewards ->
 advantages -> log pi_old (+ log pi_ref) -> ``ppo_epochs`` clipped updates on the batch -> sync
-weights -> checkpoint.
+weights -> checkpoint; each step's phases are timed (``time/*``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from omegaconf import OmegaConf
 from raykd.algorithms.common import (
     StageContext,
     StageRoles,
+    StepTimer,
     batch_tensors,
     example_stream,
     finish,
@@ -146,25 +147,29 @@ def run(ctx: StageContext) -> dict:
         for step, examples in example_stream(ctx.train, gc.prompts_per_step, cfg.run.seed, start):
             if step >= gc.steps:
                 break
+            timer = StepTimer()
             # 2. Sample a group of responses per prompt (groups contiguous, each its own draw).
             group = [ex for ex in examples for _ in range(gc.group_size)]
-            rollout = sample_rollouts(ctx, samplers, group, seed=cfg.run.seed * 1000 + step)
+            with timer.phase("sampling", samplers):
+                rollout = sample_rollouts(ctx, samplers, group, seed=cfg.run.seed * 1000 + step)
             batch, mask = rollout.batch, rollout.batch.loss_mask
             # 3. Rewards (a batch function, in process or as Ray tasks) and group-relative
             #    advantages (controller side: B floats).
             t_reward = time.time()
-            totals, parts = score_with_parts(
-                reward_fn,
-                group,
-                rollout.response_texts,
-                num_tasks=gc.reward_tasks,
-                cpus_per_task=gc.reward_cpus_per_task,
-                timeout_s=gc.reward_timeout_s,
-            )
+            with timer.phase("rewards"):
+                totals, parts = score_with_parts(
+                    reward_fn,
+                    group,
+                    rollout.response_texts,
+                    num_tasks=gc.reward_tasks,
+                    cpus_per_task=gc.reward_cpus_per_task,
+                    timeout_s=gc.reward_timeout_s,
+                )
             reward_seconds = time.time() - t_reward
             rewards = torch.tensor(totals, dtype=torch.float32)
             if teacher is not None:  # dense teacher term, mean log p_T per response token
-                teacher_lp = mean_response_logprob(scored_logprobs(teacher, batch), mask)
+                with timer.phase("teacher_scoring", teacher):
+                    teacher_lp = mean_response_logprob(scored_logprobs(teacher, batch), mask)
                 parts["teacher_logprob"] = teacher_lp.tolist()
                 rewards = rewards + gc.teacher_logprob_weight * teacher_lp
             if gc.save_completions:
@@ -175,13 +180,12 @@ def run(ctx: StageContext) -> dict:
                 ])  # fmt: skip
             advantages = group_advantages(rewards, gc.group_size, gc.scale_rewards)
             # 4. log pi_old (learners) and log pi_ref (frozen reference) of the sampled tokens.
-            tensors = {
-                **batch_tensors(batch),
-                "old_logprobs": learner_logprobs(learners, batch),
-                "advantages": advantages,
-            }
+            with timer.phase("old_logprobs", learners):
+                old_lp = learner_logprobs(learners, batch)
+            tensors = {**batch_tensors(batch), "old_logprobs": old_lp, "advantages": advantages}
             if reference is not None:
-                tensors["ref_logprobs"] = scored_logprobs(reference, batch)
+                with timer.phase("reference_scoring", reference):
+                    tensors["ref_logprobs"] = scored_logprobs(reference, batch)
             # 5. ppo_epochs clipped updates on this batch (pi_old stays the sampling-time
             #    policy, so from the second epoch on the ratio moves and the clip acts).
             #    DeepSpeed averages over ranks and micro-steps, so dapo's global token count is
@@ -189,17 +193,19 @@ def run(ctx: StageContext) -> dict:
             n_tokens = float(mask.sum())
             shards = to_micro_batches(tensors, world, grad_accum)
             for epoch in range(gc.ppo_epochs):
-                metrics = learners.train_step(
-                    shards,
-                    grpo_policy_loss,
-                    num_items_in_batch=max(n_tokens, 1.0) / (world * grad_accum),
-                    **loss_kwargs,
-                )
+                with timer.phase("learner", learners):
+                    metrics = learners.train_step(
+                        shards,
+                        grpo_policy_loss,
+                        num_items_in_batch=max(n_tokens, 1.0) / (world * grad_accum),
+                        **loss_kwargs,
+                    )
                 if epoch == 0:  # the policy as sampled: ratio 1, KL to the reference as it was
                     first = {f"first_epoch/{k}": metrics[k]
                              for k in ("clip_ratio/region_mean", "kl") if k in metrics}  # fmt: skip
             # 6. Push the new weights to the samplers.
-            metrics.update(learners.sync_weights(samplers))
+            with timer.phase("weight_sync", learners, samplers):
+                metrics.update(learners.sync_weights(samplers))
             metrics.update(
                 reward=float(rewards.mean()),
                 reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
@@ -208,6 +214,7 @@ def run(ctx: StageContext) -> dict:
                 **{f"reward/{k}": sum(v) / len(v) for k, v in parts.items()},
                 **first,
             )
+            metrics.update(timer.metrics())
             ctx.log(step + 1, gc.steps, metrics, t0)
             maybe_checkpoint(ctx, learners, step + 1, gc.steps)
 

@@ -19,7 +19,8 @@ the learners recompute ``log q_old`` (so the ratio is exactly 1 on the first PPO
 for ``L_SS``, hold a colocated teacher so full-vocabulary logits never leave the actor. Rewards,
 returns, advantages and weights are small ``[B, T]`` tensors built here on the controller.
 
-Loop per step: sample -> score -> advantages -> ``ppo_epochs`` updates -> sync weights.
+Loop per step: sample -> score -> advantages -> ``ppo_epochs`` updates -> sync weights; each
+phase's time is logged with the step (``time/*``, see :class:`~raykd.algorithms.common.StepTimer`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from raykd.algorithms.common import (
     StageContext,
     StageRoles,
+    StepTimer,
     batch_tensors,
     dataset_batch,
     example_stream,
@@ -123,13 +125,21 @@ def run(ctx: StageContext) -> dict:
         for step, examples in example_stream(ctx.train, oc.prompts_per_step, cfg.run.seed, start):
             if step >= oc.steps:
                 break
+            timer = StepTimer()
             # 1. Sample from the current student (or from its mixture with the teacher).
             seed = cfg.run.seed * 1000 + step
-            rollout = sample_rollouts(ctx, samplers, examples, seed=seed, mix_alpha=oc.mix_alpha)
+            with timer.phase("sampling", samplers):
+                rollout = sample_rollouts(
+                    ctx, samplers, examples, seed=seed, mix_alpha=oc.mix_alpha
+                )
             batch, mask = rollout.batch, rollout.batch.loss_mask
             # 2. Score: old policy log-probs (learner) and teacher log-probs (sampler/scorer).
-            old_lp = learner_logprobs(learners, batch)
-            teacher_lp = rollout.teacher_logprobs if mixing else scored_logprobs(scorers, batch)
+            with timer.phase("old_logprobs", learners):
+                old_lp = learner_logprobs(learners, batch)
+            teacher_lp = rollout.teacher_logprobs
+            if not mixing:
+                with timer.phase("teacher_scoring", scorers):
+                    teacher_lp = scored_logprobs(scorers, batch)
             # 3. Rewards, returns, advantages, importance weights (controller side: [B, T]).
             rewards = minillm_rewards(teacher_lp, old_lp, mask)
             returns = discounted_returns(
@@ -148,11 +158,13 @@ def run(ctx: StageContext) -> dict:
             _, lm_examples = next(lm_stream)
             lm = dataset_batch(lm_examples, ctx.pad_id)
             tensors.update({f"lm_{k}": v for k, v in lm.items()})
-            for _ in range(oc.ppo_epochs):
-                shards = to_micro_batches(tensors, world, grad_accum)
-                metrics = learners.train_step(shards, reverse_kl_pg_loss, **loss_kwargs)
+            with timer.phase("learner", learners):
+                for _ in range(oc.ppo_epochs):
+                    shards = to_micro_batches(tensors, world, grad_accum)
+                    metrics = learners.train_step(shards, reverse_kl_pg_loss, **loss_kwargs)
             # 5. Push the new weights to the samplers.
-            metrics.update(learners.sync_weights(samplers))
+            with timer.phase("weight_sync", learners, samplers):
+                metrics.update(learners.sync_weights(samplers))
             n_tok = mask.sum().clamp_min(1.0)
             metrics.update(
                 reward=float((rewards * mask).sum() / n_tok),
@@ -163,6 +175,7 @@ def run(ctx: StageContext) -> dict:
             )
             if mixing:
                 metrics["importance_weight"] = float(masked_mean(tensors["weights"], mask))
+            metrics.update(timer.metrics())
             ctx.log(step + 1, oc.steps, metrics, t0)
             maybe_checkpoint(ctx, learners, step + 1, oc.steps)
 

@@ -11,6 +11,7 @@ import time
 from raykd.algorithms.common import (
     StageContext,
     StageRoles,
+    StepTimer,
     dataset_batch,
     example_stream,
     finish,
@@ -43,10 +44,13 @@ def train_cross_entropy(
         for step, batch in stream:
             if step >= steps:
                 break
+            timer = StepTimer()
             shards = to_micro_batches(
                 dataset_batch(batch, ctx.pad_id), len(learners), cfg.learner.grad_accum
             )
-            metrics = learners.train_step(shards, sft_loss)
+            with timer.phase("learner", learners):
+                metrics = learners.train_step(shards, sft_loss)
+            metrics.update(timer.metrics())
             ctx.log(step + 1, steps, metrics, t0)
             maybe_checkpoint(ctx, learners, step + 1, steps)
         return finish(ctx, learners, steps, t0, metrics)

@@ -15,7 +15,7 @@ teacher scores ahead while the learner trains, and only examples training reache
 
 Loop: fill the target cache (or start prefetching) -> build learners -> for step: batch ->
 (prefetch ahead, wait for this batch's targets) -> attach cached targets -> train ->
-checkpoint -> export.
+checkpoint -> export (each step's phases timed: ``time/*``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from itertools import islice
 from raykd.algorithms.common import (
     StageContext,
     StageRoles,
+    StepTimer,
     dataset_batch,
     example_stream,
     finish,
@@ -96,18 +97,22 @@ def run(ctx: StageContext) -> dict:
         metrics: dict = {}
         for i, examples in enumerate(plan):
             step = start + i
+            timer = StepTimer()
             if prefetch is not None:
-                for ahead in plan[i + 1 : i + 1 + lookahead]:
-                    prefetch.submit(ahead)  # queued behind this step's batch on the scorers
-                prefetch.wait(examples)
+                with timer.phase("teacher_wait"):
+                    for ahead in plan[i + 1 : i + 1 + lookahead]:
+                        prefetch.submit(ahead)  # queued behind this step's batch on the scorers
+                    prefetch.wait(examples)
             tensors = dataset_batch(examples, ctx.pad_id)
             tensors["topk_logprobs"], tensors["topk_indices"] = cache.dense(
                 examples, tensors["loss_mask"]
             )
             shards = to_micro_batches(tensors, len(learners), cfg.learner.grad_accum)
-            metrics = learners.train_step(shards, kd_loss, **loss_kwargs)
+            with timer.phase("learner", learners):
+                metrics = learners.train_step(shards, kd_loss, **loss_kwargs)
             if prefetch is not None:
                 metrics["teacher_wait_seconds"] = round(prefetch.wait_seconds, 2)
+            metrics.update(timer.metrics())
             ctx.log(step + 1, kc.steps, metrics, t0)
             maybe_checkpoint(ctx, learners, step + 1, kc.steps)
 

@@ -6,6 +6,7 @@ Ray: algorithms call methods on a :class:`RoleGroup` and get plain values back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,13 @@ class RoleGroup:
     shards of a list, results flattened in item order), :meth:`submit` / :func:`gather` for
     calls whose results are collected later. A group is a context manager: leaving the
     ``with`` block (normally or by an exception) shuts it down.
+
+    Busy time: every call made through :meth:`call`, :meth:`call_rank`,
+    :meth:`call_per_rank`, the ``map*`` methods and :meth:`start` / :meth:`wait` is timed
+    inside its actor; :attr:`busy` collects the ``(start, end)`` wall-clock interval of each
+    (in the order the results were collected), so a controller can tell the seconds its actors
+    worked from the seconds it waited (see ``raykd.algorithms.common.StepTimer``).
+    :meth:`call_async` and :meth:`submit` return plain refs and are not timed.
     """
 
     def __init__(
@@ -80,6 +88,8 @@ class RoleGroup:
             options["runtime_env"] = runtime_env
         self.actors = []
         self._next = 0  # round-robin cursor of submit()
+        self.busy: list[tuple[float, float]] = []  # (start, end) of the latest timed calls
+        self._busy_total = 0  # timed calls collected so far
         for rank, index in enumerate(indices):
             args, kwargs = make_args(rank)
             strategy_ = PlacementGroupSchedulingStrategy(
@@ -101,14 +111,51 @@ class RoleGroup:
 
     # ---- fan-out ------------------------------------------------------------------------
     def call_async(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
+        """Start ``method`` on every actor; plain refs (``ray.get`` them), not timed."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def start(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
+        """Start ``method`` on every actor with the same arguments; collect with :meth:`wait`."""
+        return [_start_timed(a, method, args, kwargs) for a in self.actors]
+
+    def start_calls(
+        self, method: str, calls: Sequence[tuple[tuple, dict]], **common_kwargs
+    ) -> list[ray.ObjectRef]:
+        """Start call ``i`` (its own ``(args, kwargs)``, merged over ``common_kwargs``) on
+        actor ``i % len(self)``; collect with :meth:`wait`."""
+        return [
+            _start_timed(self.actors[i % len(self.actors)], method, args,
+                         {**common_kwargs, **kwargs})
+            for i, (args, kwargs) in enumerate(calls)
+        ]  # fmt: skip
+
+    def wait(self, refs: Sequence[ray.ObjectRef]) -> list[Any]:
+        """Results of calls started by :meth:`start` / :meth:`start_calls`, in order; their
+        intervals inside the actors go to :attr:`busy`."""
+        out = []
+        for result, begin, end in ray.get(list(refs)):
+            self.busy.append((begin, end))
+            out.append(result)
+        self._busy_total += len(out)
+        if len(self.busy) > _BUSY_KEPT:
+            del self.busy[: len(self.busy) - _BUSY_KEPT // 2]
+        return out
+
+    def busy_mark(self) -> int:
+        """A mark for :meth:`busy_since`: the number of timed calls collected so far."""
+        return self._busy_total
+
+    def busy_since(self, mark: int) -> list[tuple[float, float]]:
+        """``(start, end)`` inside the actors of the timed calls collected after ``mark``."""
+        n = self._busy_total - mark
+        return self.busy[len(self.busy) - n :] if n > 0 else []
 
     def call(self, method: str, *args, **kwargs) -> list[Any]:
         """Run ``method`` on every actor with the same arguments; results by rank."""
-        return ray.get(self.call_async(method, *args, **kwargs))
+        return self.wait(self.start(method, *args, **kwargs))
 
     def call_rank(self, rank: int, method: str, *args, **kwargs) -> Any:
-        return ray.get(getattr(self.actors[rank], method).remote(*args, **kwargs))
+        return self.wait([_start_timed(self.actors[rank], method, args, kwargs)])[0]
 
     def call_per_rank(self, method: str, per_rank_args: Sequence[tuple], **kwargs) -> list[Any]:
         """Run ``method`` on each actor with its own positional arguments (one tuple per
@@ -118,11 +165,7 @@ class RoleGroup:
                 f"role group '{self.name}': {len(per_rank_args)} argument tuples for "
                 f"{len(self.actors)} actors"
             )
-        refs = [
-            getattr(a, method).remote(*args, **kwargs)
-            for a, args in zip(self.actors, per_rank_args)
-        ]
-        return ray.get(refs)
+        return self.wait(self.start_calls(method, [(a, {}) for a in per_rank_args], **kwargs))
 
     def submit(self, method: str, *args, **kwargs) -> ray.ObjectRef:
         """Start one call on the next actor (round-robin); collect it with :func:`gather`.
@@ -141,13 +184,7 @@ class RoleGroup:
     ) -> list[Any]:
         """Like :meth:`map` with each call's own ``(args, kwargs)`` (merged over
         ``common_kwargs``)."""
-        refs = [
-            getattr(self.actors[i % len(self.actors)], method).remote(
-                *args, **{**common_kwargs, **kwargs}
-            )
-            for i, (args, kwargs) in enumerate(calls)
-        ]
-        return ray.get(refs)
+        return self.wait(self.start_calls(method, calls, **common_kwargs))
 
     def map_shards(self, method: str, items: Sequence, **kwargs) -> list[Any]:
         """Split ``items`` into ``len(self)`` contiguous shards, one per actor (empty shards
@@ -184,6 +221,21 @@ def check_feasible(name: str, bundle: dict[str, float], num: int) -> None:
                 f"{ {k: have.get(k, 0.0) for k in bundle} } in all: lower its resources in "
                 "the config (cpus_per_* / gpus_per_* / num_workers / num_ranks)"
             )
+
+
+_BUSY_KEPT = 4096  # intervals a group keeps (a step's phases read only their own)
+
+
+def _timed_call(actor, name: str, /, *args, **kwargs) -> tuple[Any, float, float]:
+    """Runs inside the actor (through Ray's ``__ray_call__``): ``actor.name(*args, **kwargs)``
+    and the wall-clock ``(start, end)`` of the call."""
+    begin = time.time()
+    result = getattr(actor, name)(*args, **kwargs)
+    return result, begin, time.time()
+
+
+def _start_timed(actor, method: str, args: tuple, kwargs: dict) -> ray.ObjectRef:
+    return actor.__ray_call__.remote(_timed_call, method, *args, **kwargs)
 
 
 def gather(refs: Iterable[ray.ObjectRef]) -> list[Any]:

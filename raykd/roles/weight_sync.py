@@ -67,10 +67,8 @@ class ObjectStoreSync:
         pending = []
         for i, ref in enumerate(buckets):
             last = i == len(buckets) - 1
-            pending += samplers.call_async("update_weights", ref, finished=last)
-        import ray
-
-        loaded = ray.get(pending)
+            pending += samplers.start("update_weights", ref, finished=last)
+        loaded = samplers.wait(pending)
         return {
             "sync_seconds": time.perf_counter() - t0,
             "sync_buckets": float(len(buckets)),
@@ -107,14 +105,12 @@ class TorchGroupSync(ObjectStoreSync):
         return {"sync_connect_seconds": time.perf_counter() - t0, "sync_world": float(world)}
 
     def sync(self, learners, samplers) -> dict[str, float]:
-        import ray
-
         t0 = time.perf_counter()
         stats = self.connect(learners, samplers) if self._members is not samplers else {}
-        receiving = samplers.call_async("receive_weights")
+        receiving = samplers.start("receive_weights")
         # Every rank takes part (ZeRO-3 gathers); rank 0 sends.
-        sent = ray.get(learners.call_async("broadcast_weights", self.bucket_bytes))[0]
-        loaded = ray.get(receiving)
+        sent = learners.wait(learners.start("broadcast_weights", self.bucket_bytes))[0]
+        loaded = samplers.wait(receiving)
         return {
             **stats,
             "sync_seconds": time.perf_counter() - t0,

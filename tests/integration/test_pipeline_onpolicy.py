@@ -4,6 +4,7 @@ workers sample, the teacher scores, two DeepSpeed ranks update, weights sync bac
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -42,6 +43,13 @@ def test_reverse_kl_reduces_kl_on_overfit_prompts(ray_node, tiny_teacher, tmp_pa
     # the sampler's log-probs equal the learner's (weights were synced each step)
     assert max(r["sampler_mismatch"] for r in rows) < 1e-3
     assert (run_dir / "models" / "final" / "model.safetensors").exists()
+    # every step records where its time went (seconds, finite, within the step)
+    phases = ("sampling", "old_logprobs", "teacher_scoring", "learner", "weight_sync")
+    for r in rows:
+        times = {k: r[f"time/{k}"] for k in (*phases, "ray_overhead", "controller", "step")}
+        assert all(math.isfinite(v) and v >= 0 for v in times.values()), times
+        assert sum(times[k] for k in phases) <= times["step"] + 1e-6, times
+        assert times["ray_overhead"] <= sum(times[k] for k in phases) + 1e-6, times
 
 
 def test_minillm_in_full_mixed_sampling_and_single_step(ray_node, tiny_teacher, tmp_path):
