@@ -88,12 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from raykd.pipeline.provenance import RunDirConflict
     from raykd.pipeline.run import run_pipeline
+    from raykd.roles.step_guard import NonFiniteTrainingError
 
     try:
         run_pipeline(cfg)
     except RunDirConflict as err:
         print(f"raykd: {err}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as err:  # raised in a learner: Ray's error wraps it (cause)
+        print(f"raykd: {getattr(err, 'cause', err)}", file=sys.stderr)
+        return 1
     return 0
 
 

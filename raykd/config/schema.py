@@ -114,6 +114,8 @@ class LearnerConfig:
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 128  # positions per chunk in the full-vocabulary losses
+    # consecutive steps with a non-finite loss or gradient (each skipped) before the run stops
+    max_bad_steps: int = 3
 
 
 @dataclass

@@ -9,16 +9,20 @@ Typical use::
 """
 
 from raykd.data.dolly import DollyFormatError, dolly_prompt, load_dolly
+from raykd.data.files import MAX_LINE_BYTES, DataFileError, read_lines
 from raykd.data.formatting import encode_example, encode_records, end_of_turn_id, prompt_only
 from raykd.data.records import TaskData, TaskKind, TaskRecord
 from raykd.data.split import split_by_uid, stable_fraction
 from raykd.data.stdlib_code import STDLIB_MODULES, mine_stdlib_functions, split_by_module
-from raykd.data.tasks import TASKS, TaskSpec, load_task, register_task
+from raykd.data.tasks import TASKS, EmptyDatasetError, TaskSpec, load_task, register_task
 
 __all__ = [
+    "MAX_LINE_BYTES",
     "STDLIB_MODULES",
     "TASKS",
+    "DataFileError",
     "DollyFormatError",
+    "EmptyDatasetError",
     "TaskData",
     "TaskKind",
     "TaskRecord",
@@ -31,6 +35,7 @@ __all__ = [
     "load_task",
     "mine_stdlib_functions",
     "prompt_only",
+    "read_lines",
     "register_task",
     "split_by_module",
     "split_by_uid",

@@ -28,12 +28,12 @@ text rewards) and counted in the stats. A malformed line fails with its path and
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raykd.data.files import read_lines, read_parquet
 from raykd.data.records import TaskRecord
 
 PROMPT_KEYS = ("prompt", "problem", "description")
@@ -60,24 +60,22 @@ def humaneval_path() -> Path:
 def load_humaneval(path: str | Path | None = None) -> list[TaskRecord]:
     """The HumanEval problems (from ``path``, default the wheel's file) as records."""
     path = Path(path) if path else humaneval_path()
-    opener = gzip.open if path.suffix == ".gz" else open
     records = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                p = json.loads(line)
-                prompt, entry = p["prompt"], p["entry_point"]
-                records.append(TaskRecord(
-                    uid=p["task_id"],
-                    prompt=HUMANEVAL_INSTRUCTION + prompt.strip("\n") + "\n```",
-                    reference=(prompt + p["canonical_solution"]).strip("\n"),
-                    meta={"name": entry, "entry_point": entry, "setup": prompt,
-                          "tests": [p["test"] + f"\ncheck({entry})\n"], "format": "code"},
-                ))  # fmt: skip
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CodeProblemFormatError(f"{path}:line {lineno}: {err!r}") from None
+    for lineno, line in read_lines(path):  # .gz or plain; long lines, non-UTF-8: DataFileError
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+            prompt, entry = p["prompt"], p["entry_point"]
+            records.append(TaskRecord(
+                uid=p["task_id"],
+                prompt=HUMANEVAL_INSTRUCTION + prompt.strip("\n") + "\n```",
+                reference=(prompt + p["canonical_solution"]).strip("\n"),
+                meta={"name": entry, "entry_point": entry, "setup": prompt,
+                      "tests": [p["test"] + f"\ncheck({entry})\n"], "format": "code"},
+            ))  # fmt: skip
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CodeProblemFormatError(f"{path}:line {lineno}: {err!r}") from None
     return records
 
 
@@ -107,20 +105,17 @@ def _rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"code problem file not found: {path}")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        for i, row in enumerate(read_parquet(path).to_pylist(), start=1):
             yield f"{path}:row {i}", row
         return
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    yield f"{path}:line {lineno}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CodeProblemFormatError(
-                        f"{path}:line {lineno}: invalid JSON ({err.msg})"
-                    ) from None
+    for lineno, line in read_lines(path):  # long lines, non-UTF-8 bytes: DataFileError
+        if line.strip():
+            try:
+                yield f"{path}:line {lineno}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CodeProblemFormatError(
+                    f"{path}:line {lineno}: invalid JSON ({err.msg})"
+                ) from None
 
 
 def _text(row: dict, key: str, where: str) -> str:

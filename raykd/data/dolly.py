@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raykd.data.files import read_lines, read_parquet
 from raykd.data.records import TaskRecord
 
 REQUIRED_FIELDS: tuple[str, ...] = ("instruction", "response")
@@ -38,24 +39,21 @@ def dolly_prompt(instruction: str, context: str = "") -> str:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """``(location, parsed object)`` per non-blank line; location is ``"path:line N"``."""
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:line {lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DollyFormatError(
-                    f"{where}: invalid JSON ({err.msg} at column {err.colno})"
-                ) from None
+    for lineno, line in read_lines(path):  # DataFileError for long lines, non-UTF-8 bytes
+        if not line.strip():
+            continue
+        where = f"{path}:line {lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DollyFormatError(
+                f"{where}: invalid JSON ({err.msg} at column {err.colno})"
+            ) from None
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     """``(location, row dict)`` per row; location is ``"path:row N"`` (1-based)."""
-    import pyarrow.parquet as pq  # installed with ``datasets``; imported lazily
-
-    table = pq.read_table(path)
+    table = read_parquet(path)
     missing = [f for f in REQUIRED_FIELDS if f not in table.column_names]
     if missing:
         raise DollyFormatError(f"{path}: missing column(s) {missing}; has {table.column_names}")
@@ -126,6 +124,8 @@ def load_dolly(
         DollyFormatError: invalid JSON, a line that is not an object, a missing or empty
             ``instruction``/``response``, a non-string field or a duplicate uid; the message
             names the file and the 1-based line (JSONL) or row (Parquet).
+        DataFileError: a line over :data:`~raykd.data.files.MAX_LINE_BYTES`, bytes that are
+            not UTF-8, or an unreadable Parquet file; the message names the file (and line).
     """
     hub = hub_name(path)
     if hub is not None:

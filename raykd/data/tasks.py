@@ -147,6 +147,28 @@ def _check_count(label: str, value: int | None) -> None:
         raise ValueError(f"{label} must be >= 0 or None, got {value}")
 
 
+class EmptyDatasetError(ValueError):
+    """A task with nothing to train on: no records, or every (training) record longer than
+    ``max_length``; the message gives the counts and the data file."""
+
+
+def _check_not_empty(task: str, source: str, stats: dict) -> None:
+    """Refuse a task with no records, one whose every record was dropped for length, or one
+    whose training records were all dropped (an eval-only task, with no train records, is
+    fine)."""
+    found, max_length = stats["found"], stats["max_length"]
+    if found == 0:
+        raise EmptyDatasetError(f"task {task!r} ({source}): no examples found (0 records)")
+    n_train = stats["found_train"]
+    if stats["dropped"] == found or (n_train and stats["dropped_train"] == n_train):
+        which = "all" if stats["dropped"] == found else f"all {n_train} training"
+        raise EmptyDatasetError(
+            f"task {task!r} ({source}): {which} examples are longer than "
+            f"data.max_length={max_length} tokens ({found} found, {stats['dropped']} dropped for "
+            "length); raise data.max_length or use shorter examples"
+        )
+
+
 def load_task(
     task: str,
     tokenizer: Any,
@@ -182,6 +204,9 @@ def load_task(
     Raises:
         ValueError: unknown task (the message lists the valid ones), missing ``path``,
             or invalid numeric arguments.
+        EmptyDatasetError: no records at all, every record longer than ``max_length``, or
+            every training record longer than it (a task without training records, e.g.
+            HumanEval, is allowed); the pipeline calls this before it loads any model.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(sorted(TASKS))}")
@@ -215,4 +240,5 @@ def load_task(
         "seed": seed,
         **extra,
     }
+    _check_not_empty(task, str(extra.get("path") or path or "built in"), stats)
     return TaskData(train=train, eval=held_out, kind=spec.kind, stats=stats)

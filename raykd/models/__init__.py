@@ -4,10 +4,18 @@
   converted once into a cache), tokenizer and model loading.
 * :mod:`raykd.models.student` -- choosing teacher layers (every_other, first_last, angular,
   explicit) and deriving a layer-subset student.
+* :mod:`raykd.models.checks` -- header-only checks of model files (truncated safetensors,
+  missing tokenizer, vocabulary size).
 * :mod:`raykd.models.io` -- atomic saving, parameter counts, on-disk size.
 * :mod:`raykd.models.tiny` -- tiny offline tokenizer and random models for tests.
 """
 
+from raykd.models.checks import (
+    ModelFileError,
+    check_safetensors,
+    check_tokenizer_files,
+    config_vocab_size,
+)
 from raykd.models.io import count_parameters, model_size_mb, save_model
 from raykd.models.loading import (
     BUILTIN_MODELS,
@@ -41,10 +49,14 @@ __all__ = [
     "DEFAULT_CALIBRATION_PROMPTS",
     "RULES",
     "BuiltinModel",
+    "ModelFileError",
     "ModelNotFoundError",
     "angular_distances",
     "build_tiny_model",
     "build_tiny_tokenizer",
+    "check_safetensors",
+    "check_tokenizer_files",
+    "config_vocab_size",
     "count_parameters",
     "decoder_layers",
     "derive_student",

@@ -37,11 +37,13 @@ from transformers import (
 )
 
 from raykd.atomic import publish_dir, staging_dir
+from raykd.models.checks import ModelFileError, check_safetensors, check_tokenizer_files
 from raykd.models.tiny import build_tiny_model, build_tiny_tokenizer, from_config, tiny_llama_config
 
 __all__ = [
     "BUILTIN_MODELS",
     "BuiltinModel",
+    "ModelFileError",
     "ModelNotFoundError",
     "build_tiny_model",
     "build_tiny_tokenizer",
@@ -240,8 +242,13 @@ def _not_found(name: str, err: Exception) -> ModelNotFoundError:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a model (see :func:`resolve_model`), with a pad token guaranteed."""
+    """Load the tokenizer of a model (see :func:`resolve_model`), with a pad token guaranteed.
+
+    A local directory without tokenizer files raises :class:`~raykd.models.checks.ModelFileError`
+    naming the directory."""
     resolved = resolve_model(name_or_path)
+    if Path(resolved).is_dir() and "gguf_file" not in kwargs:
+        check_tokenizer_files(resolved)  # else transformers asks to install sentencepiece
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
     except OSError as err:
@@ -277,9 +284,13 @@ def load_model(
     ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``).
     A GPTQ checkpoint (:func:`is_gptq_checkpoint`, written by :mod:`raykd.quantize`) loads
     with its packed weights (needs the ``quant`` extra); ``dtype`` is then the compute dtype
-    of the tensors that are not quantized.
+    of the tensors that are not quantized. A truncated or corrupt ``*.safetensors`` file of a
+    local directory raises :class:`~raykd.models.checks.ModelFileError` naming the file.
     """
     resolved = resolve_model(name_or_path)
+    local = Path(resolved).is_dir()
+    if local:
+        check_safetensors(resolved)
     if is_gptq_checkpoint(resolved):
         # transformers loads it through optimum + gptqmodel; import the latter first, the way
         # raykd.models.gptq_backend keeps the process environment clean.
@@ -290,7 +301,11 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_as_dtype(dtype), **kwargs)
     except OSError as err:
-        if Path(resolved).is_dir():
+        if local:
             raise
         raise _not_found(resolved, err) from err
+    except Exception as err:  # safetensors' own error names no file
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ModelFileError(f"cannot read the weights of {resolved}: {err}") from err
     return model.eval()

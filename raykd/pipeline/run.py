@@ -44,6 +44,7 @@ from raykd.models import (
     save_model,
     select_layers,
 )
+from raykd.pipeline.preflight import check_run
 from raykd.pipeline.provenance import Provenance, digest, file_fingerprint
 from raykd.roles.factory import SlotPlacement, sampler_group
 from raykd.roles.runtime import init_ray
@@ -217,6 +218,7 @@ def run_pipeline(
 
     # prepare
     teacher_path = resolve_model(cfg.teacher.model)
+    check_run(cfg, teacher_path)  # header-only checks (vocabularies) before any model loads
     tokenizer = load_tokenizer(teacher_path)
     dc = cfg.data
     task = load_task(

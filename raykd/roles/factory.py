@@ -105,8 +105,10 @@ def learner_group(
 ) -> LearnerGroup:
     """``learner.num_ranks`` DeepSpeed ranks on ``model_path``, joined and ready.
 
-    ``setup``: the :meth:`Learner.setup` config (optimizer, ZeRO stage, ...)."""
+    ``setup``: the :meth:`Learner.setup` config (optimizer, ZeRO stage, ...); its
+    ``max_bad_steps`` defaults to ``learner.max_bad_steps``."""
     lc = cfg.learner
+    setup = {"max_bad_steps": lc.max_bad_steps, **setup}
     world = lc.num_ranks
     threads = actor_threads(lc.cpus_per_rank, lc.num_threads)
     group = LearnerGroup(

@@ -19,6 +19,7 @@ sync) drops its ``raykd_projector.*`` keys, so the exported model is the plain a
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from raykd.atomic import atomic_write_json, publish_dir, recover_dir
+from raykd.roles.step_guard import GuardedAdamW, StepGuard, any_rank, held_step, local_grad_norm
 
 
 def _skip_cpu_shm_op() -> None:
@@ -104,6 +106,7 @@ class Learner:
         self.engine = None
         self.step = 0
         self.teachers: list | None = None  # colocated frozen teachers (setup cfg "teachers")
+        self.guard = StepGuard(3, rank)  # skipped non-finite steps; last checkpoint
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
@@ -120,9 +123,15 @@ class Learner:
 
         ``cfg``: ``zero_stage, lr, weight_decay, betas, warmup_steps, micro_batch_size,
         grad_accum, grad_clip, gradient_checkpointing, trainable ('all'|'layers'), seed``;
-        optional ``teachers`` (model dirs to colocate) and ``hidden_projection`` (bool).
+        optional ``teachers`` (model dirs to colocate), ``hidden_projection`` (bool) and
+        ``max_bad_steps`` (default 3: consecutive non-finite steps before
+        :class:`~raykd.roles.step_guard.NonFiniteTrainingError`).
         Returns the number of trainable parameters.
         """
+        from raykd.models.checks import check_safetensors
+
+        self.guard = StepGuard(int(cfg.get("max_bad_steps", 3)), self.rank)
+        check_safetensors(model_path)  # a truncated file is named, not a SafetensorError
         import deepspeed
         from transformers import AutoModelForCausalLM
 
@@ -160,9 +169,10 @@ class Learner:
                 d_teacher = self.teachers[0].config.hidden_size
                 model.raykd_projector = HiddenProjector(model.config.hidden_size, d_teacher)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
+        optimizer = GuardedAdamW(
             params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
         )
+        self._optimizer = optimizer
         warmup = max(0, int(cfg.get("warmup_steps", 0)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
@@ -187,9 +197,12 @@ class Learner:
     def _load_teachers(self, paths: list[str], on_gpu: bool) -> None:
         from transformers import AutoModelForCausalLM
 
+        from raykd.models.checks import check_safetensors
+
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
         self.teachers = []
         for path in paths:
+            check_safetensors(path)
             teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             teacher.config.use_cache = False
             teacher.eval().requires_grad_(False)
@@ -201,7 +214,11 @@ class Learner:
     ) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns mean metrics.
 
-        ``loss_fn(model, micro_batch, **loss_kwargs) -> (loss, metrics)``.
+        ``loss_fn(model, micro_batch, **loss_kwargs) -> (loss, metrics)``. A step whose loss
+        or gradient is not finite on any rank is skipped on every rank (weights, optimizer
+        state and learning-rate schedule unchanged; ``skipped`` is 1 in the metrics) and
+        logged as a warning; ``max_bad_steps`` such steps in a row raise
+        :class:`~raykd.roles.step_guard.NonFiniteTrainingError` (:mod:`raykd.roles.step_guard`).
         """
         if len(micro_batches) != self.grad_accum:
             raise ValueError(
@@ -212,17 +229,30 @@ class Learner:
         if self.teachers:
             loss_kwargs = {**loss_kwargs, "teachers": self.teachers}
         totals: dict[str, float] = {}
-        for mb in micro_batches:
+        finite, refused, grad_norm = True, False, None
+        for i, mb in enumerate(micro_batches):
             loss, metrics = loss_fn(self.engine, mb, **loss_kwargs)
             self.engine.backward(loss)
-            self.engine.step()
+            finite = finite and bool(torch.isfinite(loss.detach()).all())
+            if i == len(micro_batches) - 1:  # the accumulation boundary: the real step
+                grad_norm = local_grad_norm(self.engine.module)  # None under ZeRO
+                grads_ok = grad_norm is None or math.isfinite(grad_norm)
+                refused = any_rank(not (finite and grads_ok), self.engine.device)
+                held_step(self.engine, self._optimizer, refused)
+            else:
+                self.engine.step()
             for k, v in {"loss": loss.item(), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
         self.step += 1
         totals["lr"] = self.engine.get_lr()[0]
         gn = self.engine.get_global_grad_norm()
+        if gn is None:
+            gn = grad_norm  # DeepSpeed reports none without ZeRO
         if gn is not None:
             totals["grad_norm"] = float(gn)
+        skipped = refused or not self.engine.was_step_applied()  # ZeRO's own overflow check
+        totals["skipped"] = float(skipped)
+        self.guard.record(self.step, skipped, totals)
         return totals
 
     @torch.no_grad()
@@ -367,6 +397,7 @@ class Learner:
             atomic_write_json(tmp / "raykd_state.json", client_state)
             publish_dir(tmp, target)
         dist.barrier()
+        self.guard.last_checkpoint = (str(target), int(client_state.get("step", self.step)))
 
     def load_checkpoint(self, ckpt_dir: str) -> dict[str, Any] | None:
         target = Path(ckpt_dir)
@@ -377,4 +408,5 @@ class Learner:
         engine.load = _weights_only_load  # never unpickle code from a checkpoint file
         _, client_state = self.engine.load_checkpoint(str(target), tag="step")
         self.step = int(client_state.get("step", 0))
+        self.guard.last_checkpoint = (str(target), self.step)
         return client_state
