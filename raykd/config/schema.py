@@ -292,6 +292,32 @@ class PipelineConfig:
     checkpoint_every: int = 20
 
 
+@dataclass
+class QuantizeConfig:
+    """The final task: weight-only quantization of the final student (raykd.quantize)."""
+
+    enabled: bool = False
+    # The first method is the shipped checkpoint; the others are baselines in the report
+    # (rtn: round-to-nearest at the same bits/group size, what GPTQ's error feedback buys).
+    methods: list[str] = field(default_factory=lambda: ["gptq", "rtn"])
+    bits: int = 4  # 3, 4 or 8
+    group_size: int = 32  # -1 (per channel) or a size dividing every layer input (576: 32, 64)
+    act_order: bool = False  # GPTQ: columns in order of decreasing Hessian diagonal
+    sym: bool = False  # symmetric grid (format gptq v1) instead of min/max (gptq_v2)
+    damp_percent: float = 0.05  # GPTQ Hessian dampening, share of its mean diagonal
+    calibration: int = 64  # prompt+response texts from the train split
+    max_calibration_tokens: int = 512
+    dtype: str = "bfloat16"  # storage dtype of what is not quantized (embeddings, norms)
+    cpus: float = 1.0  # the quantize task's Ray resources
+    gpus: float = 0.0
+    num_threads: Optional[int] = None  # torch threads in the task; None: cpus, rounded up
+    eval: bool = True  # evaluate each quantized model on the eval split (same eval code)
+    # Load time, peak load memory and greedy tokens/s of the float and quantized students,
+    # each measured in a fresh worker process on this many eval prompts.
+    measure_prompts: int = 4
+    measure_new_tokens: int = 32
+
+
 #: Stage algorithms and the config section that holds each one's defaults.
 STAGE_SECTIONS: dict[str, type] = {
     "sft": SFTConfig,
@@ -323,3 +349,4 @@ class RunConfig:
     gkd: GKDConfig = field(default_factory=GKDConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)

@@ -17,6 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from raykd.config.quant import METHODS as QUANT_METHODS
+from raykd.config.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, check_quant_config
+
 Check = Callable[[Any], str | None]  # None when fine, else what is allowed
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
@@ -207,6 +210,20 @@ SECTION_RULES: dict[str, dict[str, Check]] = {
         "exec_timeout_s": POSITIVE,
     },
     "pipeline": {"checkpoint_every": NON_NEGATIVE},
+    "quantize": {
+        "methods": _each(one_of(*QUANT_METHODS)),
+        "bits": one_of(*SUPPORTED_BITS),
+        "group_size": one_of(*SUPPORTED_GROUP_SIZES),
+        "damp_percent": number(0, 1, lo_open=True),
+        "calibration": AT_LEAST_1,
+        "max_calibration_tokens": number(10),
+        "dtype": one_of("float32", "float16", "bfloat16"),
+        "cpus": NON_NEGATIVE,
+        "gpus": NON_NEGATIVE,
+        "num_threads": number(1, optional=True),
+        "measure_prompts": NON_NEGATIVE,
+        "measure_new_tokens": AT_LEAST_1,
+    },
 }
 
 #: ``rollout.vllm`` / ``teacher.vllm`` (vLLM engine settings).
@@ -354,6 +371,7 @@ def validate_config(cfg: DictConfig, origins: dict[str, str]) -> list[str]:
         for key, err in _cross_checks(section, cfg[section]):
             problems.add_plain(f"{section}.{key}", err)
     _student_checks(cfg, problems)
+    _quantize_checks(cfg, problems)
     _run_checks(cfg, problems)
     _backend_checks(cfg, problems)
 
@@ -405,6 +423,26 @@ def _student_checks(cfg: DictConfig, problems: Problems) -> None:
         problems.add_plain("student.keep", f"student.rule={sc.rule} needs 'student.keep'")
     if sc.init == "pretrained" and not sc.model:
         problems.add_plain("student.model", "student.init=pretrained needs 'student.model'")
+
+
+def _quantize_checks(cfg: DictConfig, problems: Problems) -> None:
+    """Quantization settings against the student's shape where the config gives it
+    (``student.init=config``); for a student cut from a teacher the pipeline checks them
+    against the teacher's ``config.json`` before any model loads."""
+    qc = cfg.quantize
+    if qc.enabled and not qc.methods:
+        problems.add_plain("quantize.methods", "quantize.enabled=true needs at least one method")
+    if cfg.student.init != "config" or not cfg.student.model_config:
+        return
+    if qc.bits not in SUPPORTED_BITS or qc.group_size not in SUPPORTED_GROUP_SIZES:
+        return  # already reported
+    try:
+        check_quant_config(
+            OmegaConf.to_container(cfg.student.model_config, resolve=True),
+            qc.bits, qc.group_size,
+        )  # fmt: skip
+    except (ValueError, KeyError) as err:
+        problems.add_plain("quantize.group_size", f"{err} (student.model_config)")
 
 
 def _run_checks(cfg: DictConfig, problems: Problems) -> None:

@@ -7,7 +7,8 @@ needs, per role slot, the most actors any one stage (or evaluation) holds at onc
 * ``rollout``: ``rollout.num_workers`` (evaluation always decodes; on-policy stages sample);
 * ``teacher``: ``teacher.num_workers`` (stages that score with the teacher or a reference);
 * ``teacher_rollout``: a second sampler set, for GKD with fresh teacher samples;
-* ``reference``: GRPO's frozen reference when the teacher scores rewards in the same stage.
+* ``reference``: GRPO's frozen reference when the teacher scores rewards in the same stage;
+* ``quantize``: one bundle of ``quantize.cpus/gpus`` for the quantize and measure tasks.
 
 :func:`run_bundles` lists them after a driver bundle, in the order a Ray Tune
 ``PlacementGroupFactory`` wants (bundle 0 is the trial's driver); :func:`slot_indices` says
@@ -53,13 +54,16 @@ def slot_bundles(cfg) -> dict[str, list[dict[str, float]]]:
     used = {"rollout"}  # evaluation decodes through rollout workers
     for stage in stages:
         used |= stage_slots(cfg, stage)
-    lc, rc, tc = cfg.learner, cfg.rollout, cfg.teacher
+    if cfg.quantize.enabled:
+        used.add("quantize")
+    lc, rc, tc, qc = cfg.learner, cfg.rollout, cfg.teacher, cfg.quantize
     sizes = {
         "learner": (lc.num_ranks, _bundle(lc.cpus_per_rank, lc.gpus_per_rank)),
         "rollout": (rc.num_workers, _bundle(rc.cpus_per_worker, rc.gpus_per_worker)),
         "teacher": (tc.num_workers, _bundle(tc.cpus_per_worker, tc.gpus_per_worker)),
         "teacher_rollout": (rc.num_workers, _bundle(rc.cpus_per_worker, rc.gpus_per_worker)),
         "reference": (tc.num_workers, _bundle(tc.cpus_per_worker, tc.gpus_per_worker)),
+        "quantize": (1, _bundle(qc.cpus, qc.gpus)),
     }
     return {s: [dict(b) for _ in range(n)] for s, (n, b) in sizes.items() if s in used}
 

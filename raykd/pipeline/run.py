@@ -10,6 +10,8 @@ where it stopped; a training stage resumes from its last checkpoint)::
     eval      teacher and the untrained student on the eval split
     stages    the student stages of ``pipeline.stages`` in order (sft, word_kd, grpo, ...)
     eval      the final student
+    quantize  (``quantize.enabled``) GPTQ + baselines of the final student as Ray tasks,
+              each evaluated and measured (:mod:`raykd.pipeline.quantize_stage`)
     report    report.md / report.json / report.png
 
 :func:`run_pipeline` returns the results (metrics, model paths) and sends every logged step
@@ -46,29 +48,12 @@ from raykd.models import (
 )
 from raykd.pipeline.preflight import check_run
 from raykd.pipeline.provenance import Provenance, digest, file_fingerprint
+from raykd.pipeline.quantize_stage import check_quantize_settings, quantization_rows, run_quantize
+from raykd.quantize import checkpoint_stats
 from raykd.roles.factory import SlotPlacement, sampler_group
 from raykd.roles.runtime import init_ray
 from raykd.roles.target_cache import model_fingerprint
 from raykd.rundir import RunDir
-
-
-def stored_parameters(model_dir: str) -> int:
-    """Parameters stored in a model directory's safetensors files (tied weights once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in Path(model_dir).glob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                total += _numel(fh, key)
-    return total
-
-
-def _numel(fh, key: str) -> int:
-    n = 1
-    for d in fh.get_slice(key).get_shape():
-        n *= d
-    return n
 
 
 def run_dir_for(cfg) -> RunDir:
@@ -133,7 +118,7 @@ def _evaluate(cfg, rundir: RunDir, prov: Provenance, label: str, model_path: str
         result = evaluate_model(rollouts, task.eval, task.kind, cfg.eval, label)
     result["model_path"] = model_path
     result["size_mb"] = model_size_mb(model_path)
-    result["params"] = stored_parameters(model_path)
+    result["params"] = checkpoint_stats(model_path)["params"]  # packed weights unpacked
     result["config_hash"] = key
     atomic_write_json(record, result)
     return result
@@ -213,12 +198,12 @@ def run_pipeline(
     prov = Provenance(rundir.root, cfg)
     prov.check_directory()  # refuses another config's results before anything is written
     save_config(cfg, rundir.path("config.yaml"))
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus)
     print(f"[raykd] run directory: {rundir.root}", flush=True)
 
-    # prepare
+    # prepare (no Ray node yet: what the files can tell is checked first)
     teacher_path = resolve_model(cfg.teacher.model)
     check_run(cfg, teacher_path)  # header-only checks (vocabularies) before any model loads
+    check_quantize_settings(cfg, teacher_path)
     tokenizer = load_tokenizer(teacher_path)
     dc = cfg.data
     task = load_task(
@@ -244,6 +229,7 @@ def run_pipeline(
         f"({task.stats.get('dropped', 0)} dropped as longer than {dc.max_length} tokens)",
         flush=True,
     )
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus)
     stages = OmegaConf.to_container(cfg.pipeline.stages, resolve=True)
     teacher_stages = [s for s in stages if s.get("trains") == "teacher"]
     student_stages = [s for s in stages if s.get("trains", "student") == "student"]
@@ -304,6 +290,15 @@ def run_pipeline(
             shutil.rmtree(final)  # a copy of a stage that was redone
         if not final.exists():
             save_model(load_model(current), tokenizer, final)
+    if cfg.quantize.enabled:
+        quant_in, label = (
+            (str(final), "student_after") if final else (str(student_dir), "student_before")
+        )
+        quant = run_quantize(cfg, rundir, prov, quant_in, task, evaluate, placement, label)
+        results["models"].update(quant.pop("models"))
+        rows = quantization_rows(quant, results["models"], label)
+        del quant["measured"]  # in eval/measure-*.json; the rows carry what the report shows
+        results["quantization"] = {**quant, "rows": rows}
     t_params = (student_info.get("teacher_params") or {}).get("total")
     s_params = (student_info.get("params") or {}).get("total")
     results["compression"] = {

@@ -16,6 +16,14 @@ GPTQModel is imported only inside the functions that need it (see
 :mod:`raykd.models.gptq_backend`); this package never imports Ray.
 """
 
+from raykd.config.quant import (
+    METHODS,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    check_quant_config,
+    check_quant_settings,
+    linear_dims,
+)
 from raykd.quantize.accounting import checkpoint_stats
 from raykd.quantize.core import SUMMARY_FILE, quantize, read_summary
 from raykd.quantize.measure import (
@@ -29,14 +37,6 @@ from raykd.quantize.measure import (
     weight_error,
 )
 from raykd.quantize.rtn import dequantize, rtn_quantize_weight, write_rtn_checkpoint
-from raykd.config.quant import (
-    METHODS,
-    SUPPORTED_BITS,
-    SUPPORTED_GROUP_SIZES,
-    check_quant_config,
-    check_quant_settings,
-    linear_dims,
-)
 
 __all__ = [
     "METHODS",

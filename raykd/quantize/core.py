@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from raykd.atomic import publish_dir, recover_dir, staging_dir
+from raykd.config.quant import check_quant_config
 from raykd.models import (
     count_parameters,
     load_model,
@@ -44,7 +45,6 @@ from raykd.models import (
 from raykd.models.gptq_backend import import_gptqmodel
 from raykd.quantize.accounting import checkpoint_stats
 from raykd.quantize.rtn import write_rtn_checkpoint
-from raykd.config.quant import check_quant_config
 
 __all__ = ["SUMMARY_FILE", "quantize", "read_summary"]
 

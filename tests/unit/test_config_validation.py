@@ -42,6 +42,10 @@ QUICKSTART = REPO / "conf" / "quickstart.yaml"
         ("teacher.backend=nope", "teacher.backend", "hf"),
         ("rollout.weight_sync=carrier_pigeon", "rollout.weight_sync", "object_store"),
         ("reverse_kl.mix_alpha=1.0", "reverse_kl.mix_alpha", "[0, 1)"),
+        ("quantize.bits=5", "quantize.bits", "[3, 4, 8]"),
+        ("quantize.group_size=48", "quantize.group_size", "[-1, 16, 32, 64"),
+        ("quantize.methods=[gptq,awq]", "quantize.methods", "['gptq', 'rtn']"),
+        ("quantize.calibration=0", "quantize.calibration", ">= 1"),
     ],
 )
 def test_bad_value_names_key_value_range_and_source(override, key, allowed):
@@ -163,3 +167,34 @@ def test_show_config_fails_fast_without_ray(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "grpo.loss_type" in proc.stderr and "gkd.lmbda" in proc.stderr
     assert time.time() - t0 < 60
+
+
+def test_quantize_group_size_checked_against_a_config_built_student():
+    """A student built from ``student.model_config``: its hidden size is in the config."""
+    shape = ["student.init=config", "student.model_config={model_type: llama, hidden_size: 96,"
+             " intermediate_size: 256, num_attention_heads: 4, num_key_value_heads: 2}"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"group_size=64 does not divide hidden_size=96"):
+        load_config(QUICKSTART, [*shape, "quantize.group_size=64"])
+    load_config(QUICKSTART, [*shape, "quantize.group_size=32"])  # 96 = 3 x 32
+
+
+def test_quantize_settings_checked_against_the_teachers_config_file(tmp_path):
+    """A student cut from the teacher: checked on the teacher's config.json, before any
+    model loads (the pipeline calls this before the Ray node starts)."""
+    import json
+
+    from raykd.pipeline.quantize_stage import check_quantize_settings
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_attention_heads": 9, "num_key_value_heads": 3,
+    }))  # fmt: skip
+    ok = load_config(QUICKSTART, ["quantize.enabled=true", "quantize.group_size=64"])
+    check_quantize_settings(ok, str(teacher))
+    bad = load_config(QUICKSTART, ["quantize.enabled=true", "quantize.group_size=128"])
+    with pytest.raises(ValueError) as err:
+        check_quantize_settings(bad, str(teacher))
+    assert "quantize.group_size" in str(err.value) and "hidden_size=576" in str(err.value)
+    assert str(teacher) in str(err.value)

@@ -29,3 +29,12 @@ def test_sft_only_needs_no_teacher_scorer_and_gkd_teacher_samples_need_a_second_
     assert "teacher" not in slot_bundles(mixed)  # the mixing samplers hold the teacher
     ref = load_config(None, ["pipeline.train=[grpo]", "grpo.beta=0.1"])
     assert "teacher" in slot_bundles(ref)  # the frozen reference
+
+
+def test_the_quantize_task_gets_its_own_bundle_only_when_enabled():
+    off = load_config(None, ["pipeline.train=[sft]"])
+    assert "quantize" not in slot_bundles(off)
+    on = load_config(None, ["pipeline.train=[sft]", "quantize.enabled=true", "quantize.cpus=2"])
+    assert slot_bundles(on)["quantize"] == [{"CPU": 2.0}]
+    assert len(run_bundles(on)) == len(run_bundles(off)) + 1
+    assert slot_indices(on)["quantize"] == [len(run_bundles(on)) - 1]
