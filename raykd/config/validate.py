@@ -186,6 +186,7 @@ SECTION_RULES: dict[str, dict[str, Check]] = {
         "grad_accum": AT_LEAST_1,
         "grad_clip": NON_NEGATIVE,
         "loss_chunk_size": AT_LEAST_1,
+        "max_bad_steps": AT_LEAST_1,
     },
     "rollout": {
         "backend": _names_in(_samplers, "sampler backend"),
