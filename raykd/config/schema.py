@@ -71,7 +71,8 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     # from_teacher: keep a subset of the teacher's layers; pretrained: load `model`;
-    # config: build from `model_config` (random init).
+    # config: build from `model_config` (random init); width: prune the teacher's width
+    # (raykd.models.width), every layer kept unless `keep`/`layers` cut them first.
     init: str = "from_teacher"
     model: Optional[str] = None
     model_config: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +82,15 @@ class StudentConfig:
     calibration_prompts: int = 16
     # Which parameters learn: all | layers (freeze embeddings, final norm and lm_head)
     trainable: str = "all"
+    # init=width (Minitron): heads (by KV group), MLP channels and hidden channels ranked by
+    # activation importance on the calibration prompts; `width_axes` shrink by one common share
+    # to at most `target_non_embedding_params`; `width_sizes` fixes sizes (hidden_size,
+    # intermediate_size, num_attention_heads, num_key_value_heads) instead.
+    target_non_embedding_params: Optional[int] = None
+    width_axes: list[str] = field(default_factory=lambda: ["mlp", "hidden"])  # mlp|heads|hidden
+    width_sizes: dict[str, int] = field(default_factory=dict)
+    width_multiple: int = 16  # solved MLP (and hidden: also of the head count) multiples
+    width_importance: str = "mean_abs"  # mean_abs | l2 over calibration tokens
 
 
 @dataclass

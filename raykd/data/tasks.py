@@ -17,6 +17,7 @@ from raykd.data.code_problems import load_code_problems, load_humaneval
 from raykd.data.dolly import load_dolly
 from raykd.data.formatting import encode_records
 from raykd.data.function_tasks import generate_function_tasks, split_function_tasks
+from raykd.data.package_code import build_package_code
 from raykd.data.records import TaskData, TaskKind, TaskRecord
 from raykd.data.split import check_fraction, seeded_order, split_by_uid
 from raykd.data.stdlib_code import mine_stdlib_functions, split_by_module
@@ -102,6 +103,12 @@ TASKS: dict[str, TaskSpec] = {
         kind="code",
         build=_build_stdlib_code,
         description="docstring -> function from the Python stdlib, split by module (offline)",
+    ),
+    "package_code": TaskSpec(
+        kind="code",
+        build=build_package_code,
+        description="stdlib_code's eval split; training adds docstring -> function pairs mined "
+        "from site-packages (data.path: another such directory), eval near-duplicates removed",
     ),
     "dolly": TaskSpec(
         kind="text",

@@ -76,26 +76,37 @@ def build_student(cfg, teacher_path: str, calibration: list[str], out_dir: Path)
     else:
         teacher = load_model(teacher_path)
         n = teacher.config.num_hidden_layers
+        # init=width keeps every layer unless keep/layers ask for a layer cut first
+        all_layers = sc.init == "width" and sc.keep is None and not sc.layers
+        rule = "width" if all_layers else sc.rule
         distances = None
-        if sc.rule == "angular":
+        if sc.rule == "angular" and not all_layers:
             distances = angular_distances(teacher, tokenizer, calibration, n - sc.keep)
-        layers = select_layers(
+        layers = list(range(n)) if all_layers else select_layers(
             n,
             sc.rule,
             keep=sc.keep,
             layers=list(sc.layers) if sc.layers else None,
             distances=distances,
-        )
-        model = derive_student(teacher, layers, rule=sc.rule, teacher_name=cfg.teacher.model)
+        )  # fmt: skip
+        model = derive_student(teacher, layers, rule=rule, teacher_name=cfg.teacher.model)
         info = {
-            "init": "from_teacher",
-            "rule": sc.rule,
+            "init": sc.init,
+            "rule": rule,
             "layers": layers,
             "teacher_layers": n,
             "teacher_params": count_parameters(teacher),
             "block_distances": distances,
         }
         del teacher
+        if sc.init == "width":
+            from raykd.models.width import width_student
+
+            model, info["width"] = width_student(
+                model, tokenizer, calibration, sc.target_non_embedding_params,
+                axes=list(sc.width_axes), fixed=dict(sc.width_sizes),
+                multiple=sc.width_multiple, aggregate=sc.width_importance,
+            )  # fmt: skip
     save_model(model, tokenizer, out_dir)
     info["params"] = count_parameters(model)
     return info
