@@ -59,8 +59,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check raykd tests benchmarks jobs
 	$(VENV)/bin/ruff format --check raykd tests benchmarks jobs
 
+# Every benchmark in full (~25 min on 2 cores); results in benchmarks/results/, see BENCHMARKS.md.
+# Each script also has a --quick mode (tiny models; tests/integration/test_benchmarks_quick.py).
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss_memory.py
+	$(PY) benchmarks/onpolicy_step.py
+	$(PY) benchmarks/ray_overhead.py
+	$(PY) benchmarks/offpolicy_step.py
+	$(PY) benchmarks/weight_sync.py
+	$(PY) benchmarks/teacher_scoring.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

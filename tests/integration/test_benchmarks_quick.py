@@ -1,0 +1,119 @@
+"""The benchmark scripts' ``--quick`` modes run and write valid JSON with the expected keys and
+sane, finite numbers (tiny models; no timing is asserted, only that the figures exist and
+make sense: positive durations, shares within [0, 1], sizes in the right order)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+#: The quick runs: ``name -> (script, extra arguments)``. Cases the other runs already cover
+#: are left out (the TRL runner is the same for both of its benchmarks; the actors' side of
+#: ``ray_overhead`` is ``onpolicy_step``'s ``raykd`` path). Every case joins the session's Ray
+#: node instead of starting one of its own (so its memory figure is the driver's alone).
+RUNS = {
+    "onpolicy": ("onpolicy_step.py", ["--cases", "trl_gkd", "raykd_lm"]),
+    "ray_overhead": ("ray_overhead.py", ["--cases", "local"]),
+    "offpolicy": ("offpolicy_step.py", ["--cases", "raykd_word_kd"]),
+    "weight_sync": ("weight_sync.py", []),
+    "teacher_scoring": ("teacher_scoring.py", []),
+}
+
+
+def run_quick(script: str, out: Path, env: dict, extra: list[str]) -> dict:
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(out),
+           *extra]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "-> " in proc.stdout  # the table was printed, then where the JSON went
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def results(ray_node, tmp_path_factory) -> dict[str, dict]:
+    """Every quick run's JSON by name."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "RAYKD_BENCH_CACHE": str(tmp / "cache"),
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # fmt: skip
+    out = {n: run_quick(script, tmp / f"{n}.json", env, extra)
+           for n, (script, extra) in RUNS.items()}  # fmt: skip
+    for data in out.values():
+        assert data["quick"] is True and data["machine"]["cores"] >= 1
+    return out
+
+
+def finite_positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def check_step_case(case: dict, phases: tuple[str, ...]) -> None:
+    s = case["s_per_step"]
+    assert s["n"] >= 1 and finite_positive(s["mean"], s["median"], s["min"], s["max"])
+    assert s["min"] <= s["median"] <= s["max"]
+    assert finite_positive(case["peak_memory_gib"])
+    for p in phases:
+        assert math.isfinite(case["phases"][p]) and case["phases"][p] >= 0, p
+    # the phases add up to no more than the step (what is left is controller work)
+    assert sum(case["phases"][p] for p in phases) <= s["mean"] * (1 + 1e-6) + 1e-6
+
+
+def test_onpolicy_step_quick(results):
+    data = results["onpolicy"]
+    trl, rk = data["cases"]["trl_gkd"], data["cases"]["raykd_lm"]
+    check_step_case(trl, ("sampling", "teacher_scoring", "learner"))
+    raykd_phases = ("sampling", "old_logprobs", "teacher_scoring", "learner", "weight_sync")
+    check_step_case(rk, raykd_phases)
+    assert 0 <= rk["phases"]["ray_overhead"] <= sum(rk["phases"][p] for p in raykd_phases)
+    for case in (trl, rk):
+        assert finite_positive(case["generated_tokens_per_s"], case["generated_tokens_per_step"])
+    assert finite_positive(data["ratios"]["raykd_lm_throughput_vs_trl"])
+
+
+def test_ray_overhead_quick(results):
+    """The in-process case (the actors' case is the on-policy benchmark's path)."""
+    local = results["ray_overhead"]["cases"]["local"]
+    check_step_case(
+        local, ("sampling", "old_logprobs", "teacher_scoring", "learner", "weight_sync")
+    )
+    # no actors: the "overhead" is only the controller's own work between calls in a phase
+    walls = ("sampling", "old_logprobs", "teacher_scoring", "learner", "weight_sync")
+    assert local["phases"]["ray_overhead"] <= sum(local["phases"][p] for p in walls) + 1e-6
+
+
+def test_offpolicy_step_quick(results):
+    rk = results["offpolicy"]["cases"]["raykd_word_kd"]
+    check_step_case(rk, ("learner",))
+    assert finite_positive(rk["teacher_fill_seconds"], rk["trained_tokens_per_s"])
+
+
+def test_weight_sync_quick(results):
+    data = results["weight_sync"]
+    hf = data["hf"]
+    assert finite_positive(hf["sync_seconds"]["median"], hf["plain_copy_seconds"]["median"],
+                           hf["sync_vs_plain_copy"])  # fmt: skip
+    # a sync ships each storage once: tied embeddings are not sent twice
+    assert hf["shipped_mb"] <= hf["unique_storage_mb"] + 1e-6 < hf["state_dict_mb"]
+    assert data["vllm_skipped"] == "--quick"
+
+
+def test_teacher_scoring_quick(results):
+    data = results["teacher_scoring"]
+    for key in ("token_logprobs", "topk_targets", "in_process_token_logprobs", "cache_fill"):
+        assert finite_positive(data[key]["tokens_per_s"]), key
+    b = data["bytes_per_response_token"]
+    assert b["topk_in_memory"] == data["top_k"] * 8
+    assert finite_positive(b["topk_cache_on_disk"])
+    assert b["topk_cache_on_disk"] < b["full_logits_fp32"]
