@@ -165,10 +165,14 @@ SECTION_RULES: dict[str, dict[str, Check]] = {
         "trainable": one_of("all", "layers"),
         "target_non_embedding_params": number(1, optional=True),
         "width_axes": _each(one_of("mlp", "heads", "hidden")),
-        "width_sizes": lambda v: None if set(v or {}) <= {"hidden_size", "intermediate_size",
-            "num_attention_heads", "num_key_value_heads"} and all(number(1)(x) is None
-            for x in (v or {}).values()) else "sizes: hidden_size, intermediate_size, "
-            "num_attention_heads, num_key_value_heads, each >= 1",  # fmt: skip
+        "width_sizes": lambda v: (
+            None
+            if set(v or {})
+            <= {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"}
+            and all(number(1)(x) is None for x in (v or {}).values())
+            else "sizes: hidden_size, intermediate_size, "
+            "num_attention_heads, num_key_value_heads, each >= 1"
+        ),  # fmt: skip
         "width_multiple": AT_LEAST_1,
         "width_importance": one_of("mean_abs", "l2"),
     },
