@@ -39,24 +39,34 @@ MEASURED = ("load_seconds", "load_peak_rss_mb", "peak_rss_mb", "tokens_per_secon
             "tokens_per_cpu_second", "new_tokens")  # fmt: skip
 
 
-def check_quantize_settings(cfg, teacher_path: str) -> None:
-    """Before any model loads: ``quantize.bits`` / ``group_size`` against the student's
-    shape as the config files tell it (a student cut from the teacher has its layer sizes)."""
-    qc = cfg.quantize
-    if not qc.enabled:
-        return
+def student_shape_source(cfg, teacher_path: str) -> str | None:
+    """The model directory whose ``config.json`` gives the student's layer sizes before the
+    student exists: the teacher for a layer cut, the pretrained student itself; ``None`` when
+    the sizes come from the config (checked at load, :mod:`raykd.config.validate`) or from
+    width pruning (known once the student is built)."""
     sc = cfg.student
-    if sc.init == "config":
-        return  # checked with the config (raykd.config.validate)
-    source = teacher_path if sc.init == "from_teacher" else resolve_model(sc.model)
-    config_file = Path(source) / "config.json"
+    if sc.init == "from_teacher":
+        return teacher_path
+    if sc.init == "pretrained":
+        return resolve_model(sc.model)
+    return None
+
+
+def check_quantize_settings(cfg, model_dir: str | None) -> None:
+    """``quantize.bits`` / ``group_size`` against the layer sizes in ``model_dir``'s
+    ``config.json`` (no weights read). Nothing to check when quantization is off, without a
+    directory, or for a Hub id (then :func:`raykd.quantize.quantize` checks the final student)."""
+    qc = cfg.quantize
+    if not qc.enabled or model_dir is None:
+        return
+    config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
-        return  # a Hub id: checked again on the final student before quantizing
+        return
     try:
         check_quant_config(json.loads(config_file.read_text()), qc.bits, qc.group_size)
     except ValueError as err:
         raise ValueError(
-            f"config key 'quantize.group_size'/'quantize.bits': {err} (model {source})"
+            f"config key 'quantize.group_size'/'quantize.bits': {err} (model {model_dir})"
         ) from None
 
 

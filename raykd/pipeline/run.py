@@ -48,7 +48,12 @@ from raykd.models import (
 )
 from raykd.pipeline.preflight import check_run
 from raykd.pipeline.provenance import Provenance, digest, file_fingerprint
-from raykd.pipeline.quantize_stage import check_quantize_settings, quantization_rows, run_quantize
+from raykd.pipeline.quantize_stage import (
+    check_quantize_settings,
+    quantization_rows,
+    run_quantize,
+    student_shape_source,
+)
 from raykd.quantize import checkpoint_stats
 from raykd.roles.factory import SlotPlacement, sampler_group
 from raykd.roles.runtime import init_ray
@@ -214,7 +219,7 @@ def run_pipeline(
     # prepare (no Ray node yet: what the files can tell is checked first)
     teacher_path = resolve_model(cfg.teacher.model)
     check_run(cfg, teacher_path)  # header-only checks (vocabularies) before any model loads
-    check_quantize_settings(cfg, teacher_path)
+    check_quantize_settings(cfg, student_shape_source(cfg, teacher_path))
     tokenizer = load_tokenizer(teacher_path)
     dc = cfg.data
     task = load_task(
@@ -277,6 +282,7 @@ def run_pipeline(
                         "config_hash": student_key}  # fmt: skip
         rundir.mark_done("student", student_info)
     print(f"[raykd] student: {student_info.get('layers', student_info['init'])}", flush=True)
+    check_quantize_settings(cfg, str(student_dir))  # its real sizes, before any training
 
     def evaluate(label, path):
         return _evaluate(cfg, rundir, prov, label, path, task, placement)

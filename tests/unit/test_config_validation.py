@@ -183,7 +183,7 @@ def test_quantize_settings_checked_against_the_teachers_config_file(tmp_path):
     model loads (the pipeline calls this before the Ray node starts)."""
     import json
 
-    from raykd.pipeline.quantize_stage import check_quantize_settings
+    from raykd.pipeline.quantize_stage import check_quantize_settings, student_shape_source
 
     teacher = tmp_path / "teacher"
     teacher.mkdir()
@@ -192,9 +192,32 @@ def test_quantize_settings_checked_against_the_teachers_config_file(tmp_path):
         "num_attention_heads": 9, "num_key_value_heads": 3,
     }))  # fmt: skip
     ok = load_config(QUICKSTART, ["quantize.enabled=true", "quantize.group_size=64"])
-    check_quantize_settings(ok, str(teacher))
+    check_quantize_settings(ok, student_shape_source(ok, str(teacher)))
     bad = load_config(QUICKSTART, ["quantize.enabled=true", "quantize.group_size=128"])
+    assert student_shape_source(bad, str(teacher)) == str(teacher)  # a layer cut: its sizes
     with pytest.raises(ValueError) as err:
-        check_quantize_settings(bad, str(teacher))
+        check_quantize_settings(bad, student_shape_source(bad, str(teacher)))
     assert "quantize.group_size" in str(err.value) and "hidden_size=576" in str(err.value)
     assert str(teacher) in str(err.value)
+
+
+def test_a_width_pruned_students_sizes_are_checked_once_it_exists(tmp_path):
+    """Width pruning changes the layer sizes: nothing to check before the student is built
+    (no crash on the unset student.model), then its own config.json is checked."""
+    import json
+
+    from raykd.pipeline.quantize_stage import check_quantize_settings, student_shape_source
+
+    cfg = load_config(QUICKSTART, ["quantize.enabled=true", "quantize.group_size=32",
+                                   "student.init=width",
+                                   "student.target_non_embedding_params=64000000"])  # fmt: skip
+    assert student_shape_source(cfg, str(tmp_path)) is None
+    check_quantize_settings(cfg, None)
+    student = tmp_path / "student_init"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 432, "intermediate_size": 1120,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+    }))  # fmt: skip
+    with pytest.raises(ValueError, match=r"group_size=32 does not divide hidden_size=432"):
+        check_quantize_settings(cfg, str(student))
