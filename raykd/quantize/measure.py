@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from raykd.models import load_model, load_tokenizer, resolve_model
 from raykd.models.gptq_backend import import_gptqmodel
@@ -100,12 +100,8 @@ def load_quantized(
         raise ValueError(
             f"{str(directory)!r} is not a quantized checkpoint (no quantization_config)"
         )
-    import_gptqmodel()  # before transformers imports it, so the environment is kept clean
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
-    model = AutoModelForCausalLM.from_pretrained(
-        str(Path(directory).expanduser()), dtype=torch_dtype, device_map=device
-    )
-    return model.eval()
+    # raykd.models.load_model loads GPTQ checkpoints (gptqmodel imported first, cleanly)
+    return load_model(str(Path(directory).expanduser()), dtype=dtype, device_map=device)
 
 
 def load_checkpoint(
