@@ -108,8 +108,8 @@ def _quantize_one(cfg, rundir: RunDir, prov: Provenance, method: str, model_in: 
     return summary
 
 
-def _measure_one(cfg, rundir: RunDir, label: str, model_dir: str, prompts: list[str],
-                 placement) -> dict:  # fmt: skip
+def _measure_one(cfg, rundir: RunDir, prov: Provenance, label: str, model_dir: str,
+                 prompts: list[str], placement) -> dict:  # fmt: skip
     """:func:`raykd.quantize.measure` in a fresh worker; reused while the model is unchanged."""
     qc = cfg.quantize
     record = rundir.path("eval", f"measure-{label}.json")
@@ -119,10 +119,9 @@ def _measure_one(cfg, rundir: RunDir, label: str, model_dir: str, prompts: list[
         "new_tokens": qc.measure_new_tokens,
         "threads": actor_threads(qc.cpus, qc.num_threads),
     })  # fmt: skip
-    if record.exists():
-        cached = json.loads(record.read_text())
-        if cached.get("config_hash") == key:
-            return cached
+    cached = prov.reuse(record, key, [], chain=False)  # like an evaluation
+    if cached is not None:
+        return cached
     result = run_task(
         measure, model_dir, prompts, max_new_tokens=qc.measure_new_tokens,
         num_cpus=qc.cpus, num_gpus=qc.gpus,
@@ -160,7 +159,9 @@ def run_quantize(
     prompts = [ex.prompt_text for ex in task.eval[: qc.measure_prompts]]
     if prompts:
         for label, path in labels.items():
-            out["measured"][label] = _measure_one(cfg, rundir, label, path, prompts, placement)
+            out["measured"][label] = _measure_one(
+                cfg, rundir, prov, label, path, prompts, placement
+            )
     return out
 
 
