@@ -227,6 +227,13 @@ def run_case(script: str, case: str, extra: list[str], timeout: float = 3600) ->
     return out
 
 
+def result_path(args, benchmark: str) -> Path:
+    """``--out`` if given, else ``benchmarks/results/<benchmark>[_quick].json``."""
+    if args.out:
+        return Path(args.out)
+    return RESULTS / f"{benchmark}{'_quick' if args.quick else ''}.json"
+
+
 def write_result(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import RESULTS, bench_examples, bench_models, run_case, spread, table, write_result  # noqa: E402
+from _bench import bench_examples, bench_models, result_path, run_case, spread, table, write_result  # noqa: E402
 from onpolicy_step import forwarded, parser, run_raykd_stage, settings, step_batches, trl_case  # noqa: E402
 
 CASES = ("trl_gkd_lmbda0", "raykd_word_kd")
@@ -109,8 +109,7 @@ def main() -> None:
             "raykd_speedup_vs_trl": trl["s_per_step"]["mean"] / rk["s_per_step"]["mean"],
             "raykd_memory_vs_trl": rk["peak_memory_gib"] / trl["peak_memory_gib"],
         }
-    name = "offpolicy_step_quick.json" if args.quick else "offpolicy_step.json"
-    out = write_result(args.out or RESULTS / name, {
+    out = write_result(result_path(args, "offpolicy_step"), {
         "benchmark": "offpolicy_step", "quick": args.quick, "settings": s,
         "cases": by, "ratios": ratios, "raw": raw,
     })  # fmt: skip

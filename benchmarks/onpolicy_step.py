@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import RESULTS, bench_examples, bench_models, run_case, spread, table, write_result  # noqa: E402
+from _bench import bench_examples, bench_models, result_path, run_case, spread, table, write_result  # noqa: E402
 
 CASES = ("trl_gkd", "raykd", "raykd_lm")
 PHASES = ("sampling", "old_logprobs", "teacher_scoring", "scoring", "learner", "weight_sync",
@@ -323,8 +323,7 @@ def main() -> None:
                 ratios[f"{case}_throughput_vs_trl"] = (
                     by[case]["generated_tokens_per_s"] / by["trl_gkd"]["generated_tokens_per_s"]
                 )
-    name = "onpolicy_step_quick.json" if args.quick else "onpolicy_step.json"
-    out = write_result(args.out or RESULTS / name, {
+    out = write_result(result_path(args, "onpolicy_step"), {
         "benchmark": "onpolicy_step", "quick": args.quick, "settings": settings(args),
         "cases": by, "ratios": ratios, "raw": raw,
     })  # fmt: skip

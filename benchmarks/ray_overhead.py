@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import RESULTS, bench_models, run_case, table, write_result  # noqa: E402
+from _bench import bench_models, result_path, run_case, table, write_result  # noqa: E402
 from onpolicy_step import COLUMNS, flat, forwarded, parser, raykd_case, settings, summarise  # noqa: E402
 
 CASES = ("local", "actors")
@@ -59,8 +59,7 @@ def main() -> None:
             "roles_cost_fraction": (actors - local) / actors,
             "ray_overhead_fraction": by["actors"]["phases"]["ray_overhead"] / actors,
         }
-    name = "ray_overhead_quick.json" if args.quick else "ray_overhead.json"
-    out = write_result(args.out or RESULTS / name, {
+    out = write_result(result_path(args, "ray_overhead"), {
         "benchmark": "ray_overhead", "quick": args.quick, "settings": settings(args),
         "cases": by, "summary": summary, "raw": raw,
     })  # fmt: skip

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import RESULTS, bench_examples, bench_models, spread, table, write_result  # noqa: E402
+from _bench import bench_examples, bench_models, result_path, spread, table, write_result  # noqa: E402
 
 
 def batches(examples, size: int, pad_id: int):
@@ -112,8 +112,7 @@ def main() -> None:
         "full_logits_fp32": vocab * 4,
     }
     out["full_logits_vs_cache_on_disk"] = vocab * 4 / (disk / resp_tokens)
-    path = write_result(args.out or RESULTS / ("teacher_scoring_quick.json" if args.quick
-                                               else "teacher_scoring.json"), out)  # fmt: skip
+    path = write_result(result_path(args, "teacher_scoring"), out)
     rows = [{"what": w, "tps": out[key]["tokens_per_s"]} for w, key in (
         ("token_logprobs (actor)", "token_logprobs"), ("topk_targets (actor)", "topk_targets"),
         ("TopKCache.fill (actor + disk)", "cache_fill"),

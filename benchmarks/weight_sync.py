@@ -213,7 +213,7 @@ def main() -> None:
     args = ap.parse_args()
     args.repeats = args.repeats or (2 if args.quick else 5)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _bench import RESULTS, write_result
+    from _bench import result_path, write_result
 
     from raykd.roles.runtime import init_ray
     from raykd.roles.vllm.engine import venv_problem
@@ -226,8 +226,7 @@ def main() -> None:
         out["vllm_skipped"] = problem
     else:
         out["vllm"] = vllm_sync(args)
-    name = "weight_sync_quick.json" if args.quick else "weight_sync.json"
-    path = write_result(args.out or RESULTS / name, out)
+    path = write_result(result_path(args, "weight_sync"), out)
 
     h = out["hf"]
     print(f"\nhf: {h['model']}: state_dict {h['state_dict_mb']:.0f} MiB, unique storage "
