@@ -249,6 +249,15 @@ def _slice_per_layer_config(config: Any, indices: list[int], num_layers: int) ->
             setattr(config, key, type(value)(value[i] for i in indices))
 
 
+def blank_like(model: PreTrainedModel, config) -> PreTrainedModel:
+    """A model of ``model``'s class built from ``config`` without weight initialisation, on
+    ``model``'s device and dtype: for students whose every tensor is copied in next."""
+    with skip_weight_init():
+        blank = type(model)(config)
+    reference = next(model.parameters())
+    return blank.to(device=reference.device, dtype=reference.dtype)
+
+
 def derive_student(
     teacher: PreTrainedModel,
     layer_indices: Sequence[int],
@@ -280,10 +289,7 @@ def derive_student(
         "rule": rule,
     }
 
-    with skip_weight_init():
-        student = type(teacher)(config)
-    reference = next(teacher.parameters())
-    student.to(device=reference.device, dtype=reference.dtype)
+    student = blank_like(teacher, config)
 
     source = teacher.state_dict()
     layer_prefix = prefix + "."

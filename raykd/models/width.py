@@ -49,8 +49,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from raykd.models.io import count_parameters
-from raykd.models.loading import ensure_pad_token, skip_weight_init
-from raykd.models.student import decoder_layers
+from raykd.models.loading import ensure_pad_token
+from raykd.models.student import blank_like, decoder_layers
 
 __all__ = [
     "AGGREGATES",
@@ -391,10 +391,7 @@ def prune_width(
                        "kv_heads": [p["kv_heads"].tolist() for p in per_layer]}  # fmt: skip
     new_config.raykd_student = record
 
-    with skip_weight_init():
-        student = type(model)(new_config)
-    reference = next(model.parameters())
-    student.to(device=reference.device, dtype=reference.dtype)
+    student = blank_like(model, new_config)
 
     source = model.state_dict()
     layer_prefix = prefix + "."
