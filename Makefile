@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/offpolicy_step.py
 	$(PY) benchmarks/weight_sync.py
 	$(PY) benchmarks/teacher_scoring.py
+	$(PY) benchmarks/learner_step.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

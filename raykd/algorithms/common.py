@@ -401,4 +401,12 @@ def split_batch(batch: SequenceBatch, n: int) -> list[SequenceBatch]:
 def scored_logprobs(scorers: RoleGroup, batch: SequenceBatch) -> torch.Tensor:
     """``log p(y_t)`` of every given token under the scorers' model, ``[B, T]`` (0 off the
     loss mask); rows sharded over the scorers (fewer rows than scorers is fine)."""
-    return torch.cat(scorers.map("token_logprobs", split_batch(batch, len(scorers))))
+    return start_scored_logprobs(scorers, batch)()
+
+
+def start_scored_logprobs(scorers: RoleGroup, batch: SequenceBatch) -> Callable[[], torch.Tensor]:
+    """Start :func:`scored_logprobs` and return a function that waits for its result, so that
+    the scorers work while the controller calls other roles."""
+    calls = [((part,), {}) for part in split_batch(batch, len(scorers))]
+    refs = scorers.start_calls("token_logprobs", calls)
+    return lambda: torch.cat(scorers.wait(refs))

@@ -15,9 +15,15 @@ response token::
 
 Where each piece is computed: the rollout workers sample (and, when mixing, run the teacher
 alongside, returning ``log p_T(y_t)`` too); otherwise teacher scorers give ``log p_T(y_t)``;
-the learners recompute ``log q_old`` (so the ratio is exactly 1 on the first PPO epoch) and,
-for ``L_SS``, hold a colocated teacher so full-vocabulary logits never leave the actor. Rewards,
-returns, advantages and weights are small ``[B, T]`` tensors built here on the controller.
+the learners recompute ``log q_old`` while the teacher scores (so the ratio is 1 on the first
+PPO epoch) and, for ``L_SS``, hold a colocated teacher so full-vocabulary logits never leave the
+actor. The samplers hold the learners' weights, so the ``hf`` sampler's own ``log q(y_t)``
+(same model code: ``SamplerCapabilities.exact_logprobs``) is ``log q_old`` up to rounding: once a
+recomputation finds them within :data:`EXACT_LOGPROBS` of the learners' (``sampler_mismatch``),
+the stage uses them and skips the recomputation (``old_logprobs_recomputed`` is 0); other
+engines (vLLM) and samplers that do not match (lower precision) are recomputed every step.
+Rewards, returns, advantages and weights are small ``[B, T]`` tensors built here on the
+controller.
 
 Loop per step: sample -> score -> advantages -> ``ppo_epochs`` updates -> sync weights; each
 phase's time is logged with the step (``time/*``, see :class:`~raykd.algorithms.common.StepTimer`).
@@ -41,7 +47,7 @@ from raykd.algorithms.common import (
     maybe_checkpoint,
     resume,
     sample_rollouts,
-    scored_logprobs,
+    start_scored_logprobs,
     to_micro_batches,
 )
 from raykd.batch import token_logprobs
@@ -54,6 +60,12 @@ from raykd.losses import (
     single_step_reverse_kl,
     teacher_mixed_importance_weights,
 )
+from raykd.roles.backends import sampler_class
+
+#: Mean |log q_sampler(y_t) - log q_learner(y_t)| per response token within which the samplers'
+#: own log-probs stand for the learners' ``log q_old`` (float32 rounding of cached decoding vs a
+#: full forward is ~1e-6; a policy-gradient ratio off by 1e-4 is far inside the clip range).
+EXACT_LOGPROBS = 1e-4
 
 
 def reverse_kl_pg_loss(
@@ -122,6 +134,8 @@ def run(ctx: StageContext) -> dict:
         )
 
         metrics: dict = {}
+        # learners recompute log q_old until the samplers' own match theirs (if they can)
+        recompute, trust = True, sampler_class(cfg.rollout.backend).capabilities.exact_logprobs
         for step, examples in example_stream(ctx.train, oc.prompts_per_step, cfg.run.seed, start):
             if step >= oc.steps:
                 break
@@ -133,13 +147,18 @@ def run(ctx: StageContext) -> dict:
                     ctx, samplers, examples, seed=seed, mix_alpha=oc.mix_alpha
                 )
             batch, mask = rollout.batch, rollout.batch.loss_mask
-            # 2. Score: old policy log-probs (learner) and teacher log-probs (sampler/scorer).
-            with timer.phase("old_logprobs", learners):
-                old_lp = learner_logprobs(learners, batch)
-            teacher_lp = rollout.teacher_logprobs
-            if not mixing:
-                with timer.phase("teacher_scoring", scorers):
-                    teacher_lp = scored_logprobs(scorers, batch)
+            # 2. Score, side by side: teacher log-probs (scorers; the mixing samplers gave them
+            #    already) and old policy log-probs (learners, or the samplers' own once exact).
+            mismatch = None
+            with timer.phase("scoring", teacher_scoring=scorers, old_logprobs=learners):
+                teacher = None if mixing else start_scored_logprobs(scorers, batch)
+                old_lp = rollout.logprobs * mask
+                if recompute:
+                    learner_lp = learner_logprobs(learners, batch)
+                    n_tok = mask.sum().clamp_min(1.0)
+                    mismatch = float(((old_lp - learner_lp).abs() * mask).sum() / n_tok)
+                    old_lp, recompute = learner_lp, not trust or mismatch > EXACT_LOGPROBS
+                teacher_lp = rollout.teacher_logprobs if mixing else teacher()
             # 3. Rewards, returns, advantages, importance weights (controller side: [B, T]).
             rewards = minillm_rewards(teacher_lp, old_lp, mask)
             returns = discounted_returns(
@@ -171,8 +190,10 @@ def run(ctx: StageContext) -> dict:
                 # sum_t (log q - log p_T) per sequence: the reverse KL estimate
                 reverse_kl=float(-(rewards * mask).sum() / mask.shape[0]),
                 response_tokens=float(n_tok / mask.shape[0]),
-                sampler_mismatch=float(((rollout.logprobs - old_lp).abs() * mask).sum() / n_tok),
+                old_logprobs_recomputed=float(mismatch is not None),
             )
+            if mismatch is not None:
+                metrics["sampler_mismatch"] = mismatch
             if mixing:
                 metrics["importance_weight"] = float(masked_mean(tensors["weights"], mask))
             metrics.update(timer.metrics())

@@ -31,11 +31,15 @@ class SamplerCapabilities:
 
     ``teacher_mixing``: can sample MiniLLM's mixture ``a p_T + (1 - a) q_S`` (holds the
     teacher next to the policy). ``weight_sync``: the weight-sync strategies it accepts
-    (names in :data:`raykd.roles.weight_sync.STRATEGIES`).
+    (names in :data:`raykd.roles.weight_sync.STRATEGIES`). ``exact_logprobs``: its
+    ``log q(y_t)`` come from the learners' own model code, so once they have matched the
+    learners' (same weights, same dtype) an algorithm may use them as the old policy's instead
+    of recomputing them.
     """
 
     teacher_mixing: bool = False
     weight_sync: tuple[str, ...] = ("object_store",)
+    exact_logprobs: bool = False
 
 
 class Sampler(abc.ABC):
@@ -78,10 +82,15 @@ class Sampler(abc.ABC):
 
     @abc.abstractmethod
     def update_weights(
-        self, named_tensors: Sequence[tuple[str, torch.Tensor]], finished: bool = True
+        self,
+        named_tensors: Sequence[tuple[str, torch.Tensor]],
+        finished: bool = True,
+        borrow: bool = False,
     ) -> int:
         """Load one bucket of new weights; ``finished`` marks the update's last bucket, after
         which every weight must have been replaced exactly once (tied weights are sent once).
+        ``borrow``: the tensors are read-only buffers nobody else writes (the object store's),
+        which a backend may keep as its weights instead of copying them (or ignore).
         Returns the number of tensors loaded by this call."""
 
 

@@ -268,45 +268,62 @@ class Learner:
 
     # ---- weights ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (gathered under ZeRO-3; every rank must call); None elsewhere."""
+        """Full weights on rank 0 (gathered under ZeRO-3; every rank must call); None elsewhere.
+        Copies (a tied weight once): the caller may keep them while training goes on."""
+        return self._full_weights(copy=True)
+
+    def _full_weights(self, copy: bool) -> dict[str, torch.Tensor] | None:
+        """Rank 0: every weight by name, tied names sharing one tensor; views of the live
+        parameters unless ``copy`` or ZeRO-3 (whose gathered parameters are released on
+        return). None on other ranks; every rank must call (ZeRO-3 gathers)."""
         import deepspeed
 
         module = self.engine.module
         params = list(module.parameters())
+        copy = copy or self.engine.zero_optimization_stage() == 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if self.rank != 0:
                 return None
-            return {
-                k: v.detach().clone()
-                for k, v in module.state_dict().items()
-                if not k.startswith("raykd_projector.")  # training-only head, not exported
-            }
+            out: dict[str, torch.Tensor] = {}
+            copies: dict[tuple, torch.Tensor] = {}
+            for k, v in module.state_dict().items():
+                if k.startswith("raykd_projector."):  # training-only head, not exported
+                    continue
+                v = v.detach()
+                if copy:
+                    view = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+                    v = copies[view] if view in copies else copies.setdefault(view, v.clone())
+                out[k] = v
+            return out
 
     def weight_buckets(self, bucket_bytes: int) -> list:
-        """Rank 0: the full weights as object-store refs of ``(name, tensor)`` buckets (a tied
-        ``lm_head`` left out: it is the embedding); ``[]`` on other ranks. Every rank must
-        call (ZeRO-3 gathers)."""
+        """Rank 0: the full weights as object-store refs of ``(name, tensor)`` buckets (each
+        storage once: a tied ``lm_head`` is the embedding); ``[]`` on other ranks. Every rank
+        must call (ZeRO-3 gathers)."""
         import ray
 
         from raykd.roles.weight_sync import named_buckets
 
-        sd = self.state_dict()
-        if sd is None:
+        named = self._sync_tensors()
+        if named is None:
             return []
-        if getattr(self.engine.module.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
-        return [ray.put(b) for b in named_buckets(sd.items(), bucket_bytes)]
+        # ray.put copies each bucket into the store: the live weights need no copy before
+        return [ray.put(b) for b in named_buckets(named, bucket_bytes)]
 
     # ---- weight sync over a torch process group / CUDA IPC (raykd.roles.weight_sync) -------
     def _sync_tensors(self) -> list[tuple[str, torch.Tensor]] | None:
-        """Rank 0: the full weights to sync as ``(name, tensor)`` pairs, a tied ``lm_head``
-        left out; None on other ranks. Every rank must call (ZeRO-3 gathers)."""
-        sd = self.state_dict()
+        """Rank 0: the weights to sync as ``(name, tensor)`` pairs, each storage once (a tied
+        ``lm_head`` left out), as views of the live weights where those are whole (below
+        ZeRO-3): the caller copies them out (object store, packed buckets) before training
+        goes on. None on other ranks. Every rank must call (ZeRO-3 gathers)."""
+        from raykd.roles.weight_sync import distinct_tensors
+
+        sd = self._full_weights(copy=False)
         if sd is None:
             return None
         if getattr(self.engine.module.config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
-        return list(sd.items())
+        return distinct_tensors(sd.items())
 
     def weight_group_address(self) -> tuple[str, int, str]:
         """Rank 0: ``(host, free port, backend)`` of a new weight-sync group (``gloo`` for

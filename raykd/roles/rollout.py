@@ -30,7 +30,9 @@ def _stop_ids(tokenizer) -> list[int]:
 class HFRolloutWorker(Sampler):
     """Holds a copy of the policy being trained (or any model to decode from)."""
 
-    capabilities = SamplerCapabilities(teacher_mixing=True, weight_sync=("object_store",))
+    capabilities = SamplerCapabilities(
+        teacher_mixing=True, weight_sync=("object_store",), exact_logprobs=True
+    )
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class HFRolloutWorker(Sampler):
         tied = getattr(self.model.config, "tie_word_embeddings", False)
         self._tied = {"lm_head.weight"} if tied else set()
         self._updated: set[str] = set()
+        self._borrowed: set[int] = set()  # weights that are borrowed (read-only) buffers
         self.stop_ids = _stop_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -61,16 +64,27 @@ class HFRolloutWorker(Sampler):
     def torch_threads(self) -> int:
         return torch.get_num_threads()
 
-    def update_weights(self, named_tensors, finished: bool = True) -> int:
-        """Copy one bucket of new weights into the model (tensors arrive read-only from the
-        object store; ``copy_`` reads them). On the last bucket, check that every weight was
-        replaced (a tied ``lm_head`` shares the embedding's storage and is sent once)."""
+    def update_weights(self, named_tensors, finished: bool = True, borrow: bool = False) -> int:
+        """Load one bucket of new weights into the model. Tensors arrive read-only from the
+        object store: with ``borrow`` a weight of the same dtype and shape on the CPU takes the
+        buffer itself (no copy; the model only reads its weights, and keeps the buffer alive
+        until the next update), otherwise ``copy_`` reads it. On the last bucket, check that
+        every weight was replaced (a tied ``lm_head`` shares the embedding and is sent once)."""
         params = self._params
         with torch.no_grad():
             for name, tensor in named_tensors:
                 if name not in params:
                     raise RuntimeError(f"weight sync: unexpected tensor {name!r}")
-                params[name].copy_(tensor)
+                param = params[name]
+                if (borrow and param.device.type == "cpu" and param.dtype == tensor.dtype
+                        and param.shape == tensor.shape and tensor.is_contiguous()):  # fmt: skip
+                    param.data = tensor
+                    self._borrowed.add(id(param))
+                else:
+                    if id(param) in self._borrowed:  # never write into a borrowed buffer
+                        param.data = torch.empty_like(param.data)
+                        self._borrowed.discard(id(param))
+                    param.copy_(tensor)
                 self._updated.add(name)
         n = len(named_tensors)
         if finished:

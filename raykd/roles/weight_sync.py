@@ -2,14 +2,17 @@
 
 The learner group owns a strategy (``rollout.weight_sync``) and calls :meth:`sync` after each
 update. Weights travel as ``(name, tensor)`` pairs in buckets of about ``bucket_mb`` MiB, not
-as one ``state_dict`` call per tensor or one giant message; a tied ``lm_head`` is sent once
-(the sampler's copy shares the embedding's storage).
+as one ``state_dict`` call per tensor or one giant message; each storage is sent once (a tied
+``lm_head`` is the embedding: :func:`distinct_tensors`), read from the learner's live weights
+without a copy first wherever they are whole (below ZeRO-3).
 
 Strategies (:data:`STRATEGIES`):
 
 * ``object_store`` — learner rank 0 puts each bucket in the Ray object store (zero-copy torch
-  tensors, see :mod:`raykd.roles.runtime`) and every sampler loads it. The CPU default and the
-  fallback everywhere.
+  tensors, see :mod:`raykd.roles.runtime`) and every sampler loads it, ``borrow=True``: a
+  sampler whose weights live in CPU memory in the same dtype may use the store's read-only
+  buffers as its weights instead of copying them (the ``hf`` one does; all samplers on a node
+  then share one copy). The CPU default and the fallback everywhere.
 
 * ``torch_group`` — a process group of its own (not ``torch.distributed``'s default group,
   which DeepSpeed and vLLM already own) between learner rank 0 and every engine worker of the
@@ -28,6 +31,22 @@ import time
 from collections.abc import Iterable, Iterator
 
 import torch
+
+
+def distinct_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs without the tensors that are the very same view of memory as an
+    earlier one (tied weights, e.g. a tied ``lm_head``, once); order is preserved."""
+    seen: set[tuple] = set()
+    out = []
+    for name, t in named_tensors:
+        view = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        if t.numel() and view in seen:
+            continue
+        seen.add(view)
+        out.append((name, t))
+    return out
 
 
 def named_buckets(
@@ -67,7 +86,7 @@ class ObjectStoreSync:
         pending = []
         for i, ref in enumerate(buckets):
             last = i == len(buckets) - 1
-            pending += samplers.start("update_weights", ref, finished=last)
+            pending += samplers.start("update_weights", ref, finished=last, borrow=True)
         loaded = samplers.wait(pending)
         return {
             "sync_seconds": time.perf_counter() - t0,

@@ -28,6 +28,7 @@ RUNS = {
     "offpolicy": ("offpolicy_step.py", ["--cases", "raykd_word_kd"]),
     "weight_sync": ("weight_sync.py", []),
     "teacher_scoring": ("teacher_scoring.py", []),
+    "learner_step": ("learner_step.py", []),
 }
 
 
@@ -74,8 +75,12 @@ def test_onpolicy_step_quick(results):
     data = results["onpolicy"]
     trl, rk = data["cases"]["trl_gkd"], data["cases"]["raykd_lm"]
     check_step_case(trl, ("sampling", "teacher_scoring", "learner"))
-    raykd_phases = ("sampling", "old_logprobs", "teacher_scoring", "learner", "weight_sync")
+    raykd_phases = ("sampling", "scoring", "learner", "weight_sync")  # one after another
     check_step_case(rk, raykd_phases)
+    # teacher scoring and the old log-probs run side by side inside the scoring phase
+    assert max(rk["phases"]["teacher_scoring"], rk["phases"]["old_logprobs"]) <= (
+        rk["phases"]["scoring"] + 1e-6
+    )
     assert 0 <= rk["phases"]["ray_overhead"] <= sum(rk["phases"][p] for p in raykd_phases)
     for case in (trl, rk):
         assert finite_positive(case["generated_tokens_per_s"], case["generated_tokens_per_step"])
@@ -85,11 +90,9 @@ def test_onpolicy_step_quick(results):
 def test_ray_overhead_quick(results):
     """The in-process case (the actors' case is the on-policy benchmark's path)."""
     local = results["ray_overhead"]["cases"]["local"]
-    check_step_case(
-        local, ("sampling", "old_logprobs", "teacher_scoring", "learner", "weight_sync")
-    )
+    check_step_case(local, ("sampling", "scoring", "learner", "weight_sync"))
     # no actors: the "overhead" is only the controller's own work between calls in a phase
-    walls = ("sampling", "old_logprobs", "teacher_scoring", "learner", "weight_sync")
+    walls = ("sampling", "scoring", "learner", "weight_sync")
     assert local["phases"]["ray_overhead"] <= sum(local["phases"][p] for p in walls) + 1e-6
 
 
@@ -117,3 +120,15 @@ def test_teacher_scoring_quick(results):
     assert b["topk_in_memory"] == data["top_k"] * 8
     assert finite_positive(b["topk_cache_on_disk"])
     assert b["topk_cache_on_disk"] < b["full_logits_fp32"]
+
+
+def test_learner_step_quick(results):
+    data = results["learner_step"]
+    for name in ("in_process", "actor"):
+        case = data["cases"][name]
+        assert finite_positive(case["wall_per_call"]["median"], case["cpu_per_call"]["median"])
+        assert all(math.isfinite(x) for x in case["losses"]), case["losses"]
+    # same learner, data and seed in both places: the same losses, call by call
+    assert data["summary"]["same_losses"] is True
+    a, b = (data["cases"][n]["losses"] for n in ("in_process", "actor"))
+    assert len(a) == len(b) >= 1

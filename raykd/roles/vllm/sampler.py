@@ -196,9 +196,10 @@ class VLLMRolloutWorker(Sampler):
             self.tracker.add(loaded_names)
         self.tracker.finish()
 
-    def update_weights(self, named_tensors, finished: bool = True) -> int:
+    def update_weights(self, named_tensors, finished: bool = True, borrow: bool = False) -> int:
         """Load one bucket into the running engine (in-process engine: the tensors are passed
-        to the workers by reference); ``finished`` closes the update."""
+        to the workers by reference; the engine copies them, so ``borrow`` changes nothing);
+        ``finished`` closes the update."""
         if self.settings["multiprocessing"]:
             raise RuntimeError(
                 "object_store weight sync needs the in-process vLLM engine "
