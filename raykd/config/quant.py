@@ -29,6 +29,7 @@ from typing import Any
 __all__ = [
     "METHODS",
     "SUPPORTED_BITS",
+    "VLLM_GPTQ_BITS",
     "SUPPORTED_GROUP_SIZES",
     "check_quant_config",
     "check_quant_settings",
@@ -40,6 +41,8 @@ __all__ = [
 METHODS = ("gptq", "rtn")
 #: Bit widths raykd supports.
 SUPPORTED_BITS = (3, 4, 8)
+#: Bits vLLM's GPTQ path loads (symmetric codes only; its CPU kernel takes 4-bit alone)
+VLLM_GPTQ_BITS = (4, 8)
 #: Group sizes the GPTQ CPU kernels load (``-1``: one group spanning the whole input row).
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 

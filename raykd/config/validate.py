@@ -18,7 +18,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from raykd.config.quant import METHODS as QUANT_METHODS
-from raykd.config.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, check_quant_config
+from raykd.config.quant import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    VLLM_GPTQ_BITS,
+    check_quant_config,
+)
 
 Check = Callable[[Any], str | None]  # None when fine, else what is allowed
 
@@ -447,6 +452,17 @@ def _quantize_checks(cfg: DictConfig, problems: Problems) -> None:
         problems.add_plain("quantize.methods", "quantize.enabled=true needs at least one method")
     if cfg.student.init != "config" or not cfg.student.model_config:
         return
+    if qc.enabled and cfg.rollout.backend == "vllm":
+        # the quantized students are evaluated by the rollout backend: vLLM's GPTQ path
+        # (AutoGPTQConfig) takes symmetric 4- or 8-bit codes only (its CPU kernel: 4-bit)
+        if not qc.sym:
+            problems.add(
+                "quantize.sym", qc.sym, "rollout.backend=vllm loads symmetric GPTQ only: set true"
+            )
+        if qc.bits not in VLLM_GPTQ_BITS:
+            problems.add(
+                "quantize.bits", qc.bits, f"rollout.backend=vllm loads GPTQ bits {VLLM_GPTQ_BITS}"
+            )
     if qc.bits not in SUPPORTED_BITS or qc.group_size not in SUPPORTED_GROUP_SIZES:
         return  # already reported
     try:

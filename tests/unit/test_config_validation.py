@@ -221,3 +221,17 @@ def test_a_width_pruned_students_sizes_are_checked_once_it_exists(tmp_path):
     }))  # fmt: skip
     with pytest.raises(ValueError, match=r"group_size=32 does not divide hidden_size=432"):
         check_quantize_settings(cfg, str(student))
+
+
+def test_vllm_backend_needs_quantized_codes_vllm_loads():
+    """The quantized students are evaluated by the rollout backend: with vLLM, asymmetric or
+    3-bit codes are refused at load (vLLM's GPTQ path takes symmetric 4/8-bit only)."""
+    base = ["rollout.backend=vllm", "quantize.enabled=true"]
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [*base, "quantize.sym=false", "quantize.bits=3"])
+    line = str(err.value)
+    assert "'quantize.sym'" in line and "'quantize.bits'" in line and "(4, 8)" in line
+    cfg = load_config(QUICKSTART, [*base, "quantize.sym=true", "quantize.bits=4"])
+    assert cfg.quantize.sym is True
+    # the hf backend loads every layout raykd writes
+    assert load_config(QUICKSTART, ["quantize.enabled=true", "quantize.bits=3"]).quantize.bits == 3

@@ -8,9 +8,13 @@ virtualenv; its interpreter is ``vllm.python``, else ``$RAYKD_VLLM_PYTHON``, els
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[3]
 EXTENSION = "raykd.roles.vllm.extension.WeightSyncExtension"  # module.Class
@@ -95,6 +99,19 @@ def actor_runtime_env(section, given: dict | None = None) -> dict[str, Any]:
     return merged_runtime_env(runtime_env(settings_of(section)), given)
 
 
+def activation_dtype(model_path: str, dtype: str) -> str:
+    """The dtype vLLM computes in: ``dtype``, except for a GPTQ-packed checkpoint (a
+    ``quantization_config`` in its ``config.json``) asked for in float32 -- vLLM's GPTQ
+    kernels take bfloat16/float16 activations only, so it runs in bfloat16 (logged)."""
+    config = Path(model_path) / "config.json"
+    if dtype not in ("float32", "fp32") or not config.is_file():
+        return dtype
+    if "quantization_config" not in json.loads(config.read_text()):
+        return dtype
+    logger.warning("%s is GPTQ-packed: vLLM computes it in bfloat16, not %s", model_path, dtype)
+    return "bfloat16"
+
+
 def build_engine(
     model_path: str,
     dtype: str,
@@ -115,7 +132,7 @@ def build_engine(
 
     kwargs: dict[str, Any] = dict(
         model=model_path,
-        dtype=dtype,
+        dtype=activation_dtype(model_path, dtype),
         enforce_eager=settings["enforce_eager"],
         enable_prefix_caching=settings["prefix_caching"],
         tensor_parallel_size=settings["tensor_parallel_size"],
