@@ -443,6 +443,14 @@ def _student_checks(cfg: DictConfig, problems: Problems) -> None:
         problems.add_plain("student.model", "student.init=pretrained needs 'student.model'")
 
 
+    if sc.init == "width" and sc.target_non_embedding_params is None and not any(
+        (sc.width_sizes or {}).values()
+    ):
+        problems.add_plain(
+            "student.target_non_embedding_params",
+            "student.init=width needs a target (student.target_non_embedding_params) "
+            "or sizes (student.width_sizes)",
+        )
 def _quantize_checks(cfg: DictConfig, problems: Problems) -> None:
     """Quantization settings against the student's shape where the config gives it
     (``student.init=config``); for a student cut from a teacher the pipeline checks them

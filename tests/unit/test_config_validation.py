@@ -235,3 +235,10 @@ def test_vllm_backend_needs_quantized_codes_vllm_loads():
     assert cfg.quantize.sym is True
     # the hf backend loads every layout raykd writes
     assert load_config(QUICKSTART, ["quantize.enabled=true", "quantize.bits=3"]).quantize.bits == 3
+
+
+def test_width_student_without_target_or_sizes_fails_at_load():
+    with pytest.raises(ConfigError, match=r"student.target_non_embedding_params.*width_sizes"):
+        load_config(QUICKSTART, ["student.init=width"])
+    cfg = load_config(QUICKSTART, ["student.init=width", "student.width_sizes.hidden_size=256"])
+    assert cfg.student.width_sizes["hidden_size"] == 256
