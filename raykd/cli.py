@@ -11,6 +11,7 @@ raykd sweep SWEEP.yaml [MORE.yaml ...] [key=value ...]    run or resume a Ray Tu
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -88,10 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from raykd.pipeline.provenance import RunDirConflict
     from raykd.pipeline.run import run_pipeline
+    from raykd.roles.group import RoleActorDied
     from raykd.roles.step_guard import NonFiniteTrainingError
 
+    again = "raykd " + shlex.join([ns.command, *ns.args])
     try:
         run_pipeline(cfg)
+    except RoleActorDied as err:  # the stage's roles were released on the way out
+        print(f"raykd: {err}; resume from the last checkpoint with: {again}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: the stage's actors and placement groups are released
+        print(f"raykd: interrupted; resume from the last checkpoint with: {again}",
+              file=sys.stderr)  # fmt: skip
+        return 130
     except RunDirConflict as err:
         print(f"raykd: {err}", file=sys.stderr)
         return 2

@@ -113,7 +113,9 @@ class StepTimer:
       argument and result transfer, serialisation). A phase without groups is controller work
       and adds nothing to it;
     * ``time/step``: from the timer's creation to :meth:`metrics`; ``time/controller``: the
-      part of it outside every phase (batching, advantages, ...).
+      part of it outside every phase (batching, advantages, ...);
+    * ``restarts/<group name>``, only in a step where it happened: how many of the group's
+      actors died and were replaced during its phases (:attr:`RoleGroup.restarts`).
 
     Actors report their own ``(start, end)`` wall clock per call (:attr:`RoleGroup.busy`);
     on one node the clocks agree, across nodes they are as close as the nodes' clocks.
@@ -124,6 +126,7 @@ class StepTimer:
         self.seconds: dict[str, float] = {}
         self._overhead = 0.0
         self._phased = 0.0
+        self.restarts: dict[str, int] = {}
 
     def _add(self, key: str, seconds: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
@@ -133,11 +136,15 @@ class StepTimer:
         named = {k: g for k, g in named_groups.items() if g is not None}
         every = list(groups) + list(named.values())
         marks = [g.busy_mark() for g in every]
+        restarts = {id(g): (g, g.restarts) for g in every}
         lo = time.time()
         try:
             yield
         finally:
             hi = time.time()
+            for g, before in restarts.values():
+                if g.restarts > before:
+                    self.restarts[g.name] = self.restarts.get(g.name, 0) + g.restarts - before
             busy = [g.busy_since(m) for g, m in zip(every, marks)]
             self._add(name, hi - lo)
             self._phased += hi - lo
@@ -154,6 +161,7 @@ class StepTimer:
             "time/ray_overhead": self._overhead,
             "time/controller": max(0.0, step - self._phased),
             "time/step": step,
+            **{f"restarts/{k}": float(v) for k, v in self.restarts.items()},
         }
 
 

@@ -59,6 +59,9 @@ class TeacherConfig:
     gpus_per_worker: float = 0.0
     num_threads: Optional[int] = None  # torch threads per worker; None: cpus_per_worker, rounded up
     runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env of the workers
+    # a scorer that dies mid-stage is rebuilt and its calls resent, at most this often per
+    # worker (0: the stage stops instead)
+    max_restarts: int = 3
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # backend=vllm engine settings
     top_k: int = 64  # top-k log-probs per position shipped to the learner (forward-KL targets)
     batch_size: int = 8
@@ -137,6 +140,9 @@ class RolloutConfig:
     gpus_per_worker: float = 0.0
     num_threads: Optional[int] = None  # torch threads per worker; None: cpus_per_worker, rounded up
     runtime_env: dict[str, Any] = field(default_factory=dict)  # e.g. {py_executable: ...}
+    # a sampler that dies mid-stage is rebuilt, given the learners' weights and its calls
+    # resent, at most this often per worker (0: the stage stops instead)
+    max_restarts: int = 3
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # backend=vllm engine settings
     # learner -> samplers: raykd.roles.weight_sync.STRATEGIES (object_store | torch_group |
     # cuda_ipc); torch_group and cuda_ipc need rollout.backend=vllm

@@ -1,7 +1,9 @@
 """Building role groups from a run config: learners, teacher scorers, samplers.
 
 Each builder reads its own config section (``learner``, ``teacher``, ``rollout``): how many
-actors, the resources of each, the backend, a ``runtime_env``. An actor's torch threads come
+actors, the resources of each, the backend, a ``runtime_env``, and for the stateless roles
+how often a dead actor may be replaced (``max_restarts``; learners hold training state and
+are never replaced: see :class:`~raykd.roles.group.RoleGroup`). An actor's torch threads come
 from its own reservation (``num_threads``, else its ``cpus_per_*`` rounded up), never from the
 size of the cluster. Inside a reservation made by somebody else (a Tune trial), a
 :class:`SlotPlacement` says which bundles each role's actors take.
@@ -82,8 +84,15 @@ class LearnerGroup(RoleGroup):
         return self.call_per_rank("forward_logprobs", [(b,) for b in per_rank_batches])
 
     def sync_weights(self, samplers) -> dict[str, float]:
-        """Push the current weights to ``samplers`` with this group's strategy."""
+        """Push the current weights to ``samplers`` with this group's strategy. From then on a
+        sampler of the group that dies and is rebuilt (it starts from the stage's initial
+        weights) gets the learners' current weights before its calls are resent."""
+        samplers.restore = self._resync
         return self.weight_sync.sync(self, samplers)
+
+    def _resync(self, samplers, rank: int) -> None:
+        self.weight_sync.forget()  # a process group built with the dead actor is gone
+        self.weight_sync.sync(self, samplers)
 
     def load_checkpoint(self, ckpt_dir: str) -> dict | None:
         """The checkpoint's client state (``step`` and what the algorithm saved), or None."""
@@ -157,6 +166,7 @@ def scorer_group(
         name=name,
         placement=_placement(placement, slot, tc.num_workers),
         runtime_env=cls.runtime_env(tc, _as_dict(tc.runtime_env)),
+        max_restarts=tc.max_restarts,
     )
 
 
@@ -191,4 +201,5 @@ def sampler_group(
         name=slot,
         placement=_placement(placement, slot, rc.num_workers),
         runtime_env=cls.runtime_env(rc, _as_dict(rc.runtime_env)),
+        max_restarts=rc.max_restarts,
     )

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from raykd.batch import Example, examples_to_batch, scatter_topk
-from raykd.roles.group import gather
 
 
 def model_fingerprint(model_dir: str) -> str:
@@ -148,7 +147,7 @@ class TargetPrefetcher:
         total, done = sum(len(self._pending[ref]) for ref in refs), 0
         for ref in refs:
             chunk = self._pending.pop(ref)
-            for ex, (lp, idx) in zip(chunk, gather([ref])[0]):
+            for ex, (lp, idx) in zip(chunk, self.scorers.collect([ref])[0]):
                 self.cache.put(ex, lp, idx)
                 self._inflight.pop(self.cache.key(ex), None)
             self.scored += len(chunk)

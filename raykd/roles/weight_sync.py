@@ -77,6 +77,9 @@ class ObjectStoreSync:
             raise ValueError(f"weight sync bucket size must be > 0 MiB, got {bucket_mb}")
         self.bucket_bytes = int(bucket_mb * 2**20)
 
+    def forget(self) -> None:
+        """Drop what the strategy built for the current samplers (an actor was replaced)."""
+
     def sync(self, learners, samplers) -> dict[str, float]:
         """Push the learners' current weights into every actor of ``samplers``."""
         t0 = time.perf_counter()
@@ -122,6 +125,9 @@ class TorchGroupSync(ObjectStoreSync):
         ray.get(refs)
         self._members = samplers
         return {"sync_connect_seconds": time.perf_counter() - t0, "sync_world": float(world)}
+
+    def forget(self) -> None:
+        self._members = None  # rebuilt on the next sync, with the replaced actor
 
     def sync(self, learners, samplers) -> dict[str, float]:
         t0 = time.perf_counter()

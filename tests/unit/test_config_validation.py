@@ -29,6 +29,8 @@ QUICKSTART = REPO / "conf" / "quickstart.yaml"
         ("learner.num_ranks=0", "learner.num_ranks", ">= 1"),
         ("teacher.num_workers=0", "teacher.num_workers", ">= 1"),
         ("rollout.num_workers=0", "rollout.num_workers", ">= 1"),
+        ("rollout.max_restarts=-1", "rollout.max_restarts", ">= 0"),
+        ("teacher.max_restarts=-2", "teacher.max_restarts", ">= 0"),
         ("teacher.top_k=0", "teacher.top_k", ">= 1"),
         ("word_kd.steps=-1", "word_kd.steps", ">= 1"),
         ("gkd.lmbda=7", "gkd.lmbda", "[0, 1]"),
