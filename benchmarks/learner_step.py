@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import bench_examples, bench_models, result_path, run_case, spread, table, write_result  # noqa: E402
 
 CASES = ("in_process", "actor")
+#: getrusage fields reported per call (seconds, counts)
+RUSAGE = ("utime", "stime", "minflt", "majflt", "nvcsw", "nivcsw")
 SETUP = dict(zero_stage=0, lr=1e-5, weight_decay=0.0, betas=[0.9, 0.95], warmup_steps=0,
              micro_batch_size=4, grad_accum=1, grad_clip=1.0, seed=0)  # fmt: skip
 
@@ -44,10 +47,19 @@ def timed_step(learner, micro_batches) -> dict:
 
     from raykd.algorithms.supervised import sft_loss
 
-    wall, cpu = time.perf_counter(), time.process_time()
+    r0, wall, cpu = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        time.perf_counter(),
+        time.process_time(),
+    )
     metrics = learner.train_step(micro_batches, sft_loss)
-    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
-            "threads": torch.get_num_threads(), "loss": metrics["loss"]}  # fmt: skip
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    # where the CPU time went: user vs kernel (page faults of fresh allocations are kernel
+    # time), and how often the process was switched out
+    usage = {k: getattr(r1, f"ru_{k}") - getattr(r0, f"ru_{k}") for k in RUSAGE}
+    return {"wall": wall, "cpu": cpu, "threads": torch.get_num_threads(),
+            "loss": metrics["loss"], **usage}  # fmt: skip
 
 
 def worker(args) -> dict:
@@ -111,12 +123,14 @@ def main() -> None:
             "threads": sorted({c["threads"] for c in raw["calls"]}),
             "losses": [c["loss"] for c in raw["calls"]],
             "first_call_wall": raw["calls"][0]["wall"],
+            **{f"{k}_per_call": spread([c[k] for c in measured]) for k in RUSAGE},
             "peak_memory_gib": raw["peak_memory_gib"],
         }
         c = cases[case]
         rows.append({"case": case, "wall": c["wall_per_call"]["mean"],
                      "cpu": c["cpu_per_call"]["mean"], "threads": str(c["threads"]),
-                     "first": c["first_call_wall"]})  # fmt: skip
+                     "first": c["first_call_wall"], "sys": c["stime_per_call"]["mean"],
+                     "faults": c["minflt_per_call"]["mean"]})  # fmt: skip
     summary = {}
     if set(CASES) <= set(cases):
         a, p = cases["actor"], cases["in_process"]
@@ -131,6 +145,7 @@ def main() -> None:
                         "cases": cases, "summary": summary})  # fmt: skip
     print(table(rows, [("case", "learner train step", ""), ("wall", "s/call", ".2f"),
                        ("cpu", "CPU s/call", ".2f"), ("threads", "threads", ""),
+                       ("sys", "kernel s/call", ".2f"), ("faults", "page faults/call", ".0f"),
                        ("first", "first call s", ".2f")]))  # fmt: skip
     for k, v in summary.items():
         print(f"{k}: {v}")

@@ -15,6 +15,9 @@ class RayConfig:
     address: Optional[str] = None  # None: start an embedded local node; "auto": join a cluster
     num_cpus: Optional[int] = None  # embedded node only
     num_gpus: Optional[int] = None
+    # memory allocator of the worker processes: jemalloc (Ray's build, freed pages kept for
+    # reuse: faster steps, more resident memory) | system (glibc)
+    allocator: str = "jemalloc"
 
 
 @dataclass

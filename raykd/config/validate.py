@@ -151,6 +151,7 @@ def _optional(check: Check) -> Check:
 # ---- tables ----------------------------------------------------------------------------
 SECTION_RULES: dict[str, dict[str, Check]] = {
     "run": {"seed": NON_NEGATIVE},
+    "ray": {"allocator": one_of("jemalloc", "system")},  # raykd.roles.runtime.ALLOCATORS
     "teacher": {
         "dtype": one_of(*DTYPES),
         "backend": _names_in(_scorers, "scorer backend"),
@@ -443,16 +444,18 @@ def _student_checks(cfg: DictConfig, problems: Problems) -> None:
         problems.add_plain("student.keep", f"student.rule={sc.rule} needs 'student.keep'")
     if sc.init == "pretrained" and not sc.model:
         problems.add_plain("student.model", "student.init=pretrained needs 'student.model'")
-
-
-    if sc.init == "width" and sc.target_non_embedding_params is None and not any(
-        (sc.width_sizes or {}).values()
+    if (
+        sc.init == "width"
+        and sc.target_non_embedding_params is None
+        and not any((sc.width_sizes or {}).values())
     ):
         problems.add_plain(
             "student.target_non_embedding_params",
             "student.init=width needs a target (student.target_non_embedding_params) "
             "or sizes (student.width_sizes)",
         )
+
+
 def _quantize_checks(cfg: DictConfig, problems: Problems) -> None:
     """Quantization settings against the student's shape where the config gives it
     (``student.init=config``); for a student cut from a teacher the pipeline checks them
@@ -460,8 +463,6 @@ def _quantize_checks(cfg: DictConfig, problems: Problems) -> None:
     qc = cfg.quantize
     if qc.enabled and not qc.methods:
         problems.add_plain("quantize.methods", "quantize.enabled=true needs at least one method")
-    if cfg.student.init != "config" or not cfg.student.model_config:
-        return
     if qc.enabled and cfg.rollout.backend == "vllm":
         # the quantized students are evaluated by the rollout backend: vLLM's GPTQ path
         # (AutoGPTQConfig) takes symmetric 4- or 8-bit codes only (its CPU kernel: 4-bit)
@@ -473,6 +474,8 @@ def _quantize_checks(cfg: DictConfig, problems: Problems) -> None:
             problems.add(
                 "quantize.bits", qc.bits, f"rollout.backend=vllm loads GPTQ bits {VLLM_GPTQ_BITS}"
             )
+    if cfg.student.init != "config" or not cfg.student.model_config:
+        return
     if qc.bits not in SUPPORTED_BITS or qc.group_size not in SUPPORTED_GROUP_SIZES:
         return  # already reported
     try:

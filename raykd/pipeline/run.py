@@ -245,7 +245,7 @@ def run_pipeline(
         f"({task.stats.get('dropped', 0)} dropped as longer than {dc.max_length} tokens)",
         flush=True,
     )
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.allocator)
     stages = OmegaConf.to_container(cfg.pipeline.stages, resolve=True)
     teacher_stages = [s for s in stages if s.get("trains") == "teacher"]
     student_stages = [s for s in stages if s.get("trains", "student") == "student"]

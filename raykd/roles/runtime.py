@@ -18,11 +18,38 @@ WORKER_ENV = {
 }
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None):
+#: ``ray.allocator`` choices: the memory allocator of the node's worker processes.
+ALLOCATORS = ("jemalloc", "system")
+#: jemalloc that keeps freed pages for reuse: glibc returns every freed tensor over 32 MiB
+#: (logits, embedding gradients) to the kernel, and each step faults fresh zeroed pages back
+#: in (~520k page faults per learner step of the 24-layer student); kept, they are reused.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def allocator_env(allocator: str = "jemalloc") -> dict[str, str]:
+    """Environment that makes a worker process use ``allocator``: ``jemalloc`` preloads the
+    build Ray ships (``ray/core/libjemalloc.so``) with :data:`JEMALLOC_CONF`; ``system`` (or a
+    Ray without it) changes nothing. Measured on the on-policy step of the quickstart student
+    (benchmarks/onpolicy_step.py, 2 cores): learner update 6.3 -> 4.1 s, peak memory +1.6 GiB."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"ray.allocator={allocator!r}: expected one of {list(ALLOCATORS)}")
+    library = os.path.join(os.path.dirname(ray.__file__), "core", "libjemalloc.so")
+    if allocator == "system" or not os.path.isfile(library):
+        return {}
+    return {"LD_PRELOAD": library, "MALLOC_CONF": JEMALLOC_CONF}
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    allocator: str = "jemalloc",
+):
     """Join ``address`` (a cluster, e.g. under ``ray job submit``) or start an embedded node.
 
     The embedded node binds loopback only and has no dashboard, so laptops and CI stay local.
-    Idempotent: an already initialised Ray is reused.
+    Idempotent: an already initialised Ray is reused. ``allocator``: see :func:`allocator_env`
+    (every worker of this job; vLLM's actors keep the system allocator).
     """
     if ray.is_initialized():
         return ray.get_runtime_context()
@@ -36,6 +63,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     for key in ("TORCH_EXTENSIONS_DIR", "RAYKD_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
         if key in os.environ:
             env_vars[key] = os.environ[key]
+    env_vars.update(allocator_env(allocator))
     runtime_env = {"env_vars": env_vars}
     if address is None and "RAY_ADDRESS" in os.environ:
         address = os.environ["RAY_ADDRESS"]

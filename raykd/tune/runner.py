@@ -203,7 +203,10 @@ def run_sweep(plan: SweepPlan, *, fit: bool = True, callbacks: list | None = Non
     """Run (or resume) the sweep; return its summary. ``fit=False``: only (re)write the
     summary of an existing sweep; ``callbacks``: Tune callbacks (a new sweep's)."""
     ray_cfg = plan.ray
-    init_ray(ray_cfg.get("address"), ray_cfg.get("num_cpus"), ray_cfg.get("num_gpus"))
+    init_ray(
+        ray_cfg.get("address"), ray_cfg.get("num_cpus"), ray_cfg.get("num_gpus"),
+        ray_cfg.get("allocator", "jemalloc"),
+    )  # fmt: skip
     if not (ray_cfg.get("address") or os.environ.get("RAY_ADDRESS")):
         _check_fits(plan, ray.cluster_resources())
     tuner, restored = make_tuner(plan, callbacks)

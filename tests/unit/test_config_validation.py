@@ -45,6 +45,7 @@ QUICKSTART = REPO / "conf" / "quickstart.yaml"
         ("rollout.weight_sync=carrier_pigeon", "rollout.weight_sync", "object_store"),
         ("reverse_kl.mix_alpha=1.0", "reverse_kl.mix_alpha", "[0, 1)"),
         ("quantize.bits=5", "quantize.bits", "[3, 4, 8]"),
+        ("ray.allocator=tcmalloc", "ray.allocator", "jemalloc"),
         ("quantize.group_size=48", "quantize.group_size", "[-1, 16, 32, 64"),
         ("quantize.methods=[gptq,awq]", "quantize.methods", "['gptq', 'rtn']"),
         ("quantize.calibration=0", "quantize.calibration", ">= 1"),

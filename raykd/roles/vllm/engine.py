@@ -87,8 +87,10 @@ def process_env(settings: dict[str, Any], threads: int | None = None) -> dict[st
 
 
 def runtime_env(settings: dict[str, Any]) -> dict[str, Any]:
-    """Ray ``runtime_env`` of a vLLM actor: vLLM's interpreter and its environment."""
-    return {"py_executable": vllm_python(settings), "env_vars": process_env(settings)}
+    """Ray ``runtime_env`` of a vLLM actor: vLLM's interpreter and its environment, with the
+    system allocator (``LD_PRELOAD`` of ``ray.allocator`` cleared: vLLM manages its memory)."""
+    env = {**process_env(settings), "LD_PRELOAD": ""}
+    return {"py_executable": vllm_python(settings), "env_vars": env}
 
 
 def actor_runtime_env(section, given: dict | None = None) -> dict[str, Any]:
