@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
+import uuid
 
 import ray
+
+from raykd.roles.reaper import TOKEN_VAR
 
 # Set before ray.init and forwarded to every worker: torch tensors travel through the object
 # store zero-copy (a 135M fp32 state_dict: ~0.5 s put instead of 3-4.5 s with pickling).
@@ -77,7 +81,9 @@ def init_ray(
             )
         return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     # The embedded node listens on 127.0.0.1 only (raykd/__init__.py set
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray was imported).
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray was imported); its processes die with
+    # this driver, however it exits (raykd/roles/reaper.py).
+    start_reaper()
     return ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         num_gpus=num_gpus or 0,
@@ -88,6 +94,30 @@ def init_ray(
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+def start_reaper() -> subprocess.Popen | None:
+    """Mark the environment of the node about to start with a token of this driver and start
+    the watchdog that, once this driver is gone, kills every marked process and every process
+    it saw descend from this driver (the node's, and any other child left running; see
+    :mod:`raykd.roles.reaper`). Linux only (it reads ``/proc``); elsewhere nothing."""
+    global _REAPER
+    if not os.path.isdir("/proc/self"):
+        return None
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    os.environ[TOKEN_VAR] = token
+    script = os.path.join(os.path.dirname(__file__), "reaper.py")
+    _REAPER = subprocess.Popen(
+        [sys.executable, "-S", script, str(os.getpid()), token],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k != TOKEN_VAR},  # never reaps itself
+        start_new_session=True,
+    )
+    return _REAPER
+
+
+_REAPER: subprocess.Popen | None = None  # kept: it runs as long as this driver
 
 
 def free_port(host: str = "127.0.0.1") -> int:
