@@ -12,7 +12,9 @@ on the same CPU threads. One step:
   log-probs, a teacher scorer (2 threads) scores the sampled tokens, the DeepSpeed learner
   (ZeRO-0, 2 threads) updates, and the weights sync to the rollout workers. Cases ``raykd``
   (``lm_coef`` 0) and ``raykd_lm`` (``lm_coef`` 1: a cross-entropy term on dataset responses,
-  one more forward+backward per step, which TRL's GKD has no counterpart of).
+  one more forward+backward per step, which TRL's GKD has no counterpart of), and
+  ``raykd_bf16``: ``raykd`` with the samplers decoding in bfloat16 (``rollout.dtype``; the
+  learner stays float32 and recomputes ``log q_old``; TRL samples with the model it trains).
 * **TRL** ``GKDTrainer(lmbda=1, beta=1)`` in one process (2 threads): sample with the student,
   then the full-vocabulary reverse KL ``KL(q_S || p_T)`` on the samples (student and teacher
   forwards), backward and optimizer step.
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import bench_examples, bench_models, result_path, run_case, spread, table, write_result  # noqa: E402
 
-CASES = ("trl_gkd", "raykd", "raykd_lm")
+CASES = ("trl_gkd", "raykd", "raykd_lm", "raykd_bf16")
 PHASES = ("sampling", "old_logprobs", "teacher_scoring", "scoring", "learner", "weight_sync",
           "ray_overhead", "controller")  # fmt: skip
 
@@ -128,10 +130,12 @@ def run_raykd_stage(args, algorithm: str, overrides: list[str], train, pad_id: i
     return rows, seconds, summary
 
 
-def raykd_case(args, lm_coef: float, layout: str = "quickstart", local: bool = False) -> dict:
-    """raykd's ``reverse_kl`` stage; its per-step timings and generated tokens."""
+def raykd_case(args, lm_coef: float, layout: str = "quickstart", local: bool = False,
+               extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """raykd's ``reverse_kl`` stage; its per-step timings and generated tokens; ``extra``:
+    more config overrides."""
     s, models = settings(args), bench_models(args.quick)
-    overrides = raykd_overrides(s, models, lm_coef, layout)
+    overrides = [*raykd_overrides(s, models, lm_coef, layout), *extra]
     train, pad_id = bench_examples(models["teacher"], s["prompts"] * s["steps"] * 2, args.quick)
     rows, seconds, _ = run_raykd_stage(args, "reverse_kl", overrides, train, pad_id, local)
     steps = []
@@ -306,7 +310,11 @@ def main() -> None:
     args = parser(__doc__, CASES).parse_args()
     if args.worker:
         run = {"trl_gkd": lambda: trl_case(args), "raykd": lambda: raykd_case(args, 0.0),
-               "raykd_lm": lambda: raykd_case(args, 1.0)}[args.worker]  # fmt: skip
+               "raykd_lm": lambda: raykd_case(args, 1.0),
+               # the samplers decode in bfloat16 (the learners stay float32 and recompute
+               # log q_old each step, as the sampler's own no longer match them)
+               "raykd_bf16": lambda: raykd_case(args, 0.0, extra=("rollout.dtype=bfloat16",)),
+               }[args.worker]  # fmt: skip
         Path(args.result).write_text(json.dumps(run(), default=float))
         return
     bench_models(args.quick)  # built once, before the cases
@@ -318,7 +326,7 @@ def main() -> None:
     by = {r["case"]: r for r in rows}
     ratios = {}
     if "trl_gkd" in by:
-        for case in ("raykd", "raykd_lm"):
+        for case in ("raykd", "raykd_lm", "raykd_bf16"):
             if case in by:
                 ratios[f"{case}_throughput_vs_trl"] = (
                     by[case]["generated_tokens_per_s"] / by["trl_gkd"]["generated_tokens_per_s"]
