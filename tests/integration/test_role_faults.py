@@ -165,3 +165,55 @@ def test_killed_learner_rank_stops_with_one_line_and_the_command_resumes(
     got = load_file(run_dir / "models" / "final" / "model.safetensors")
     for name, w in want.items():
         torch.testing.assert_close(got[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class Fragile:
+    """Dies (SIGKILL of its own process) on a call while the shared countdown file says so."""
+
+    def __init__(self, countdown: str):
+        self.countdown = Path(countdown)
+
+    def work(self, x):
+        left = int(self.countdown.read_text())
+        if left > 0:
+            self.countdown.write_text(str(left - 1))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x * 10
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _fragile(tmp_path, deaths: int, max_restarts: int):
+    from raykd.roles.group import RoleGroup
+
+    countdown = tmp_path / "countdown"
+    countdown.write_text(str(deaths))
+    return RoleGroup(Fragile, 2, num_cpus=0.1, make_args=lambda r: ((str(countdown),), {}),
+                     name="fragile", max_restarts=max_restarts)  # fmt: skip
+
+
+def test_replacement_resends_in_order_and_is_bounded(ray_node, tmp_path, caplog):
+    """One death: the actor is rebuilt, ``restore`` runs for its rank, every call of the wait
+    on that slot is resent, results keep their order. Deaths past ``max_restarts`` raise
+    :class:`RoleActorDied` naming the role, the actor and the limit."""
+    from raykd.roles.group import RoleActorDied
+
+    with _fragile(tmp_path, 1, 2) as group:
+        restored = []
+        group.restore = lambda g, rank: restored.append(rank)
+        with caplog.at_level(logging.WARNING, logger="raykd.roles.group"):
+            assert group.map("work", list(range(6))) == [0, 10, 20, 30, 40, 50]
+        assert group.restarts == 1 and len(restored) == 1
+        assert [r.getMessage() for r in caplog.records] == [
+            f"raykd: fragile actor {restored[0]} died (ActorDiedError); replacing it, attempt 1 "
+            "of 2, and resending its calls"
+        ]
+    with _fragile(tmp_path, 100, 2) as group:
+        with pytest.raises(RoleActorDied) as err:
+            group.map("work", [1])
+        assert str(err.value) == (
+            "fragile actor 0 died mid-stage (ActorDiedError: its process was killed, ran out of "
+            "memory or lost its node; already replaced 2 time(s), the limit (max_restarts=2))"
+        )
+        assert group.restarts == 2
