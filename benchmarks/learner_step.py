@@ -7,7 +7,10 @@ the forward+backward+step cost of any of raykd's losses on that batch):
 
 * ``in_process``: the learner is a plain object in a fresh process;
 * ``actor``: the learner is an actor made by :func:`raykd.roles.factory.learner_group` (the
-  stages' path), each call timed inside the actor.
+  stages' path), each call timed inside the actor, with the system allocator like the
+  in-process case;
+* ``actor_jemalloc``: the same with raykd's default ``ray.allocator`` (jemalloc keeping
+  freed pages: no page faults of fresh memory every step).
 
 Reported per case over the calls after the first: wall seconds per call, the CPU seconds the
 learner's process used per call (all its threads), its torch thread count, and the losses
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import bench_examples, bench_models, result_path, run_case, spread, table, write_result  # noqa: E402
 
-CASES = ("in_process", "actor")
+CASES = ("in_process", "actor", "actor_jemalloc")
 #: getrusage fields reported per call (seconds, counts)
 RUSAGE = ("utime", "stime", "minflt", "majflt", "nvcsw", "nivcsw")
 SETUP = dict(zero_stage=0, lr=1e-5, weight_decay=0.0, betas=[0.9, 0.95], warmup_steps=0,
@@ -83,7 +86,9 @@ def worker(args) -> dict:
         from raykd.roles.factory import learner_group
         from raykd.roles.runtime import init_ray
 
-        init_ray(num_cpus=2)
+        # "actor": the system allocator, as the in-process case (the actor's own cost);
+        # "actor_jemalloc": raykd's default ray.allocator
+        init_ray(num_cpus=2, allocator="jemalloc" if args.worker == "actor_jemalloc" else "system")
         cfg = load_config(None, [f"learner.num_threads={args.threads}", "learner.zero_stage=0"])
         group = learner_group(cfg, models["student"], SETUP)
         actor = group.actors[0]
@@ -132,7 +137,7 @@ def main() -> None:
                      "first": c["first_call_wall"], "sys": c["stime_per_call"]["mean"],
                      "faults": c["minflt_per_call"]["mean"]})  # fmt: skip
     summary = {}
-    if set(CASES) <= set(cases):
+    if {"actor", "in_process"} <= set(cases):
         a, p = cases["actor"], cases["in_process"]
         summary = {
             "actor_vs_in_process_wall": a["wall_per_call"]["mean"] / p["wall_per_call"]["mean"],
@@ -140,6 +145,9 @@ def main() -> None:
                 abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a["losses"], p["losses"])
             ),  # fmt: skip
         }
+    if {"actor", "actor_jemalloc"} <= set(cases):
+        j, a = cases["actor_jemalloc"], cases["actor"]
+        summary["jemalloc_vs_system_wall"] = j["wall_per_call"]["mean"] / a["wall_per_call"]["mean"]
     out = write_result(result_path(args, "learner_step"),
                        {"benchmark": "learner_step", "quick": args.quick, "calls": args.calls,
                         "cases": cases, "summary": summary})  # fmt: skip

@@ -128,11 +128,13 @@ def test_teacher_scoring_quick(results):
 
 def test_learner_step_quick(results):
     data = results["learner_step"]
-    for name in ("in_process", "actor"):
+    for name in ("in_process", "actor", "actor_jemalloc"):
         case = data["cases"][name]
         assert finite_positive(case["wall_per_call"]["median"], case["cpu_per_call"]["median"])
         assert all(math.isfinite(x) for x in case["losses"]), case["losses"]
     # same learner, data and seed in both places: the same losses, call by call
     assert data["summary"]["same_losses"] is True
-    a, b = (data["cases"][n]["losses"] for n in ("in_process", "actor"))
-    assert len(a) == len(b) >= 1
+    a, b, j = (data["cases"][n]["losses"] for n in ("in_process", "actor", "actor_jemalloc"))
+    assert len(a) == len(b) == len(j) >= 1
+    assert j == pytest.approx(a, rel=1e-5, abs=1e-6)  # the allocator changes no number
+    assert finite_positive(data["summary"]["jemalloc_vs_system_wall"])
