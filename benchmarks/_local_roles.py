@@ -29,6 +29,7 @@ class LocalGroup(RoleGroup):
         self._own_pg, self.pg = False, None
         self._next = 0
         self.busy, self._busy_total = [], 0
+        self.restarts = self.max_restarts = 0  # plain objects never die and are never replaced
 
     @staticmethod
     def _run(obj, method: str, args: tuple, kwargs: dict):
@@ -51,6 +52,8 @@ class LocalGroup(RoleGroup):
             out.append(result)
         self._busy_total += len(out)
         return out
+
+    collect = wait
 
     def call_rank(self, rank, method, *args, **kwargs):
         return self.wait([self._run(self.actors[rank], method, args, kwargs)])[0]
