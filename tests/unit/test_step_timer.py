@@ -9,10 +9,12 @@ from raykd.algorithms.common import StepTimer, _union_seconds
 
 
 class FakeGroup:
-    """The busy-interval side of a RoleGroup: intervals appended by hand."""
+    """The busy-interval and restart-count side of a RoleGroup, advanced by hand."""
 
-    def __init__(self):
+    def __init__(self, name: str = "fake"):
+        self.name = name
         self.busy, self.total = [], 0
+        self.restarts = 0  # actors replaced so far
 
     def add(self, begin, end):
         self.busy.append((begin, end))
@@ -36,7 +38,9 @@ def test_union_of_overlapping_and_disjoint_intervals_clipped_to_the_window():
 
 def test_step_timer_keys_and_bounds():
     timer = StepTimer()
-    a, b = FakeGroup(), FakeGroup()
+    a, b = FakeGroup("rollout"), FakeGroup("learner")
+    with timer.phase("sampling", a):
+        a.restarts += 1  # one of its actors replaced inside the phase
     with timer.phase("sampling", a):
         pass  # no call collected: all of the wait is overhead
     with timer.phase("scoring", teacher_scoring=a, old_logprobs=b):
@@ -55,3 +59,5 @@ def test_step_timer_keys_and_bounds():
     phases = m["time/sampling"] + m["time/scoring"] + m["time/controller_work"]
     assert phases <= m["time/step"] + 1e-9
     assert abs(m["time/controller"] - (m["time/step"] - phases)) < 1e-3
+    # a replacement shows in the step's metrics, only for the group it happened in
+    assert m["restarts/rollout"] == 1.0 and "restarts/learner" not in m
