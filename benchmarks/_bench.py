@@ -234,6 +234,15 @@ def result_path(args, benchmark: str) -> Path:
     return RESULTS / f"{benchmark}{'_quick' if args.quick else ''}.json"
 
 
+def print_report(table_text: str, figures: dict, out: Path, fmt: str = "{}") -> None:
+    """What every script prints at the end: its table, a ``name: value`` line per summary
+    figure (formatted by ``fmt``), then where its JSON went."""
+    print(table_text)
+    for k, v in figures.items():
+        print(f"{k}: {fmt.format(v)}")
+    print(f"-> {out}")
+
+
 def write_result(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

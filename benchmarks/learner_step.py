@@ -35,7 +35,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import bench_examples, bench_models, result_path, run_case, spread, table, write_result  # noqa: E402
+from _bench import (  # noqa: E402
+    bench_examples,
+    bench_models,
+    print_report,
+    result_path,
+    run_case,
+    spread,
+    table,
+    write_result,
+)
 
 CASES = ("in_process", "actor", "actor_jemalloc")
 #: getrusage fields reported per call (seconds, counts)
@@ -151,13 +160,11 @@ def main() -> None:
     out = write_result(result_path(args, "learner_step"),
                        {"benchmark": "learner_step", "quick": args.quick, "calls": args.calls,
                         "cases": cases, "summary": summary})  # fmt: skip
-    print(table(rows, [("case", "learner train step", ""), ("wall", "s/call", ".2f"),
-                       ("cpu", "CPU s/call", ".2f"), ("threads", "threads", ""),
-                       ("sys", "kernel s/call", ".2f"), ("faults", "page faults/call", ".0f"),
-                       ("first", "first call s", ".2f")]))  # fmt: skip
-    for k, v in summary.items():
-        print(f"{k}: {v}")
-    print(f"-> {out}")
+    print_report(table(rows, [("case", "learner train step", ""), ("wall", "s/call", ".2f"),
+                              ("cpu", "CPU s/call", ".2f"), ("threads", "threads", ""),
+                              ("sys", "kernel s/call", ".2f"),
+                              ("faults", "page faults/call", ".0f"),
+                              ("first", "first call s", ".2f")]), summary, out)  # fmt: skip
 
 
 if __name__ == "__main__":

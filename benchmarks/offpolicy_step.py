@@ -30,7 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import bench_examples, bench_models, result_path, run_case, spread, table, write_result  # noqa: E402
+from _bench import (  # noqa: E402
+    bench_examples,
+    bench_models,
+    print_report,
+    result_path,
+    run_case,
+    spread,
+    table,
+    write_result,
+)
 from onpolicy_step import forwarded, parser, run_raykd_stage, settings, step_batches, trl_case  # noqa: E402
 
 CASES = ("trl_gkd_lmbda0", "raykd_word_kd")
@@ -115,12 +124,9 @@ def main() -> None:
     })  # fmt: skip
     flat = [{"case": r["case"], "s": r["s_per_step"]["mean"], "tok": r["trained_tokens_per_s"],
              "mem": r["peak_memory_gib"], "fill": r["teacher_fill_seconds"]} for r in rows]  # fmt: skip
-    print(table(flat, [("case", "case", ""), ("s", "s/step", ".2f"),
-                       ("tok", "trained tok/s", ".1f"), ("mem", "peak GiB", ".2f"),
-                       ("fill", "target fill s", ".1f")]))  # fmt: skip
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
-    print(f"-> {out}")
+    print_report(table(flat, [("case", "case", ""), ("s", "s/step", ".2f"),
+                              ("tok", "trained tok/s", ".1f"), ("mem", "peak GiB", ".2f"),
+                              ("fill", "target fill s", ".1f")]), ratios, out, "{:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

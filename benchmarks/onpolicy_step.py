@@ -47,7 +47,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import bench_examples, bench_models, result_path, run_case, spread, table, write_result  # noqa: E402
+from _bench import (  # noqa: E402
+    bench_examples,
+    bench_models,
+    print_report,
+    result_path,
+    run_case,
+    spread,
+    table,
+    write_result,
+)
 
 CASES = ("trl_gkd", "raykd", "raykd_lm", "raykd_bf16")
 PHASES = ("sampling", "old_logprobs", "teacher_scoring", "scoring", "learner", "weight_sync",
@@ -335,10 +344,7 @@ def main() -> None:
         "benchmark": "onpolicy_step", "quick": args.quick, "settings": settings(args),
         "cases": by, "ratios": ratios, "raw": raw,
     })  # fmt: skip
-    print(table([flat(r) for r in rows], COLUMNS))
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
-    print(f"-> {out}")
+    print_report(table([flat(r) for r in rows], COLUMNS), ratios, out, "{:.2f}x")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import bench_models, result_path, run_case, table, write_result  # noqa: E402
+from _bench import bench_models, print_report, result_path, run_case, table, write_result  # noqa: E402
 from onpolicy_step import COLUMNS, flat, forwarded, parser, raykd_case, settings, summarise  # noqa: E402
 
 CASES = ("local", "actors")
@@ -63,10 +63,7 @@ def main() -> None:
         "benchmark": "ray_overhead", "quick": args.quick, "settings": settings(args),
         "cases": by, "summary": summary, "raw": raw,
     })  # fmt: skip
-    print(table([flat(r) for r in rows], COLUMNS))
-    for k, v in summary.items():
-        print(f"{k}: {v:.3f}")
-    print(f"-> {out}")
+    print_report(table([flat(r) for r in rows], COLUMNS), summary, out, "{:.3f}")
 
 
 if __name__ == "__main__":
