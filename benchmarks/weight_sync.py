@@ -1,7 +1,8 @@
 """Weight sync from the learner to rollout workers, against a plain in-process copy.
 
-**hf rollout workers** (always; the CPU default, ``rollout.weight_sync=object_store``): the
-benchmark student (the quickstart's 24-layer SmolLM2 student; ``--quick``: a tiny one) in a
+**hf rollout workers** (always), with each strategy they take: ``shared_memory`` (the
+default: one file on tmpfs the workers map) and ``object_store``; the first sync of each
+(``shared_memory``: making and mapping the file) is reported apart. The benchmark student (the quickstart's 24-layer SmolLM2 student; ``--quick``: a tiny one) in a
 DeepSpeed learner (one rank, ZeRO-0) synced ``--repeats`` times into ``--samplers`` hf
 rollout workers on one local Ray node (2 CPUs), beside a **plain in-process copy** of the
 same bytes into as many destinations (``copy_`` into preallocated tensors), the floor. Also
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+HF_STRATEGIES = ("shared_memory", "object_store")  # what the hf rollout workers take
 SETUP = dict(zero_stage=0, lr=1e-5, weight_decay=0.0, betas=[0.9, 0.95], warmup_steps=0,
              micro_batch_size=2, grad_accum=1, grad_clip=1.0, seed=0)  # fmt: skip
 
@@ -106,6 +108,7 @@ def hf_sync(args) -> dict:
     from raykd.config import load_config
     from raykd.models import load_model
     from raykd.roles.factory import learner_group, sampler_group
+    from raykd.roles.weight_sync import make_strategy
 
     student = bench_models(args.quick)["student"]
     cfg = load_config(None, [
@@ -127,14 +130,20 @@ def hf_sync(args) -> dict:
         out["shipped_mb"] = sum(t.numel() * t.element_size() for _, t in shipped) / 2**20
         out["shipped_tensors"] = len(shipped)
         del shipped
-        learners.sync_weights(samplers)  # warm-up
-        runs = [learners.sync_weights(samplers) for _ in range(args.repeats)]
+        out["sync_seconds"], out["first_sync_seconds"] = {}, {}
+        for name in HF_STRATEGIES:
+            learners.weight_sync = make_strategy(name, args.bucket_mb)
+            first = learners.sync_weights(samplers)  # shared_memory: makes and maps the file
+            assert first.get("sync_fallback", 0.0) == 0.0, f"{name} fell back"
+            out["first_sync_seconds"][name] = first["sync_seconds"]
+            runs = [learners.sync_weights(samplers) for _ in range(args.repeats)]
+            out["sync_seconds"][name] = _spread([r["sync_seconds"] for r in runs])
     finally:
         learners.shutdown()
         samplers.shutdown()
-    out["sync_seconds"] = _spread([r["sync_seconds"] for r in runs])
     out["plain_copy_seconds"] = _spread(_plain_copy(student, args.repeats, args.samplers))
-    out["sync_vs_plain_copy"] = out["sync_seconds"]["median"] / out["plain_copy_seconds"]["median"]
+    copy = out["plain_copy_seconds"]["median"]
+    out["sync_vs_plain_copy"] = {k: v["median"] / copy for k, v in out["sync_seconds"].items()}
     return out
 
 
@@ -232,11 +241,14 @@ def main() -> None:
     print(f"\nhf: {h['model']}: state_dict {h['state_dict_mb']:.0f} MiB, unique storage "
           f"{h['unique_storage_mb']:.0f} MiB, a sync ships {h['shipped_mb']:.0f} MiB "
           f"({h['shipped_tensors']} tensors) to {h['samplers']} rollout workers")  # fmt: skip
-    print(f"{'weight sync':<28}{'median s':>10}{'min':>8}{'max':>8}")
-    for label, sp in (("object_store (hf workers)", h["sync_seconds"]),
-                      (f"plain copy x{h['samplers']}", h["plain_copy_seconds"])):  # fmt: skip
-        print(f"{label:<28}{sp['median']:>10.3f}{sp['min']:>8.3f}{sp['max']:>8.3f}")
-    print(f"sync / plain copy: {h['sync_vs_plain_copy']:.2f}x")
+    print(f"{'weight sync':<28}{'median s':>10}{'min':>8}{'max':>8}{'first':>8}{'/copy':>8}")
+    for name in HF_STRATEGIES:
+        sp, ratio = h["sync_seconds"][name], h["sync_vs_plain_copy"][name]
+        print(f"{name + ' (hf workers)':<28}{sp['median']:>10.3f}{sp['min']:>8.3f}"
+              f"{sp['max']:>8.3f}{h['first_sync_seconds'][name]:>8.3f}{ratio:>7.2f}x")  # fmt: skip
+    sp = h["plain_copy_seconds"]
+    print(f"{'plain copy x' + str(h['samplers']):<28}{sp['median']:>10.3f}{sp['min']:>8.3f}"
+          f"{sp['max']:>8.3f}")  # fmt: skip
     if "vllm" not in out:
         print(f"vLLM part skipped: {out['vllm_skipped']}")
         print(f"-> {path}")

@@ -147,9 +147,12 @@ class RolloutConfig:
     # resent, at most this often per worker (0: the stage stops instead)
     max_restarts: int = 3
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # backend=vllm engine settings
-    # learner -> samplers: raykd.roles.weight_sync.STRATEGIES (object_store | torch_group |
-    # cuda_ipc); torch_group and cuda_ipc need rollout.backend=vllm
-    weight_sync: str = "object_store"
+    # learner -> samplers: raykd.roles.weight_sync.STRATEGIES (shared_memory | object_store |
+    # torch_group | cuda_ipc) or auto, the backend's own choice (hf: shared_memory, falling
+    # back to object_store across nodes; vllm: object_store); shared_memory needs
+    # rollout.backend=hf, torch_group and cuda_ipc rollout.backend=vllm
+    weight_sync: str = "auto"
+    shm_dir: str = "/dev/shm"  # tmpfs directory of shared_memory sync's weight file
     sync_bucket_mb: float = 64.0  # weights travel in (name, tensor) buckets of this size
     batch_size: int = 8
     max_new_tokens: int = 128

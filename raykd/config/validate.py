@@ -111,7 +111,7 @@ def _scorers():
 def _weight_syncs():
     from raykd.roles.weight_sync import STRATEGIES
 
-    return STRATEGIES
+    return ["auto", *STRATEGIES]
 
 
 def _tasks():
@@ -513,15 +513,15 @@ def _backend_checks(cfg: DictConfig, problems: Problems) -> None:
         )  # fmt: skip
     if rc.backend not in _samplers() or rc.weight_sync not in _weight_syncs():
         return  # already reported
-    from raykd.roles.backends import sampler_class
+    from raykd.roles.backends import sampler_class, weight_sync_name
 
-    caps = sampler_class(rc.backend).capabilities
-    if rc.weight_sync not in caps.weight_sync:
+    caps, sync = sampler_class(rc.backend).capabilities, weight_sync_name(rc)
+    if sync not in caps.weight_sync:
         problems.add(
             "rollout.weight_sync", rc.weight_sync,
-            f"rollout.backend={rc.backend} takes {list(caps.weight_sync)}",
+            f"rollout.backend={rc.backend} takes {['auto', *caps.weight_sync]}",
         )  # fmt: skip
-    if rc.backend == "vllm" and rc.vllm.multiprocessing and rc.weight_sync == "object_store":
+    if rc.backend == "vllm" and rc.vllm.multiprocessing and sync == "object_store":
         problems.add_plain(
             "rollout.weight_sync",
             "object_store sync needs the in-process vLLM engine: set "

@@ -149,5 +149,13 @@ def sampler_class(name: str) -> type[Sampler]:
     return _load(SAMPLERS, "sampler", name)
 
 
+def weight_sync_name(section) -> str:
+    """``rollout.weight_sync``, with ``auto`` resolved to the backend's preferred strategy
+    (the first of its ``capabilities.weight_sync``: ``shared_memory`` for ``hf``)."""
+    if section.weight_sync != "auto":
+        return section.weight_sync
+    return sampler_class(section.backend).capabilities.weight_sync[0]
+
+
 def scorer_class(name: str) -> type[Scorer]:
     return _load(SCORERS, "scorer", name)

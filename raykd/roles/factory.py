@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from ray.util.placement_group import PlacementGroup
 
-from raykd.roles.backends import sampler_class, scorer_class
+from raykd.roles.backends import sampler_class, scorer_class, weight_sync_name
 from raykd.roles.group import Placement, RoleGroup
 from raykd.roles.learner import Learner
 from raykd.roles.weight_sync import make_strategy
@@ -134,7 +134,9 @@ def learner_group(
         addr, port = group.call_rank(0, "rendezvous")
         group.call("setup", addr, port, model_path, setup)
         rc = cfg.rollout
-        group.weight_sync = make_strategy(rc.weight_sync, rc.sync_bucket_mb)
+        group.weight_sync = make_strategy(
+            weight_sync_name(rc), rc.sync_bucket_mb, shm_dir=rc.shm_dir
+        )
     except BaseException:
         group.shutdown()
         raise

@@ -107,6 +107,7 @@ class Learner:
         self.step = 0
         self.teachers: list | None = None  # colocated frozen teachers (setup cfg "teachers")
         self.guard = StepGuard(3, rank)  # skipped non-finite steps; last checkpoint
+        self._shared = None  # (path, mapped buffer, layout) of shared_memory weight sync
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
@@ -309,6 +310,58 @@ class Learner:
             return []
         # ray.put copies each bucket into the store: the live weights need no copy before
         return [ray.put(b) for b in named_buckets(named, bucket_bytes)]
+
+    # ---- weight sync through a shared file mapping (raykd.roles.weight_sync) ----------------
+    def open_shared_weights(self, directory: str) -> dict | None:
+        """Rank 0: a new file in ``directory`` (tmpfs) mapped here and holding the weights to
+        sync, packed (:func:`~raykd.roles.tensor_transport.bucket_layout`); returns
+        ``{path, layout, bytes, node}`` for the samplers to map, or ``{error}`` when the file
+        cannot be made (no room, no directory). None on other ranks; every rank must call."""
+        import uuid
+
+        import ray
+
+        from raykd.roles.tensor_transport import bucket_layout, create_shared_buffer, pack_into
+
+        named = self._sync_tensors()
+        if named is None:
+            return None
+        self.close_shared_weights()
+        layout, total = bucket_layout(named)
+        path = os.path.join(directory, f"raykd-weights-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        try:
+            buf = create_shared_buffer(path, total)
+        except OSError as e:
+            return {"error": f"cannot make {total / 2**20:.0f} MiB in {directory}: {e}"}
+        self._shared = (path, buf, layout)
+        pack_into(buf, named, layout)
+        node = ray.get_runtime_context().get_node_id()
+        return {"path": path, "layout": layout, "bytes": total, "node": node}
+
+    def write_shared_weights(self) -> int:
+        """Rank 0: copy the current weights into the mapping of :meth:`open_shared_weights`
+        (the samplers that mapped it see them at once); returns the bytes written, 0 on other
+        ranks. Every rank must call (ZeRO-3 gathers)."""
+        from raykd.roles.tensor_transport import pack_into
+
+        named = self._sync_tensors()
+        if named is None:
+            return 0
+        if self._shared is None:
+            raise RuntimeError("write_shared_weights before open_shared_weights")
+        _, buf, layout = self._shared
+        return pack_into(buf, named, layout)
+
+    def unlink_shared_weights(self) -> None:
+        """Rank 0: remove the mapped file's name once every sampler has mapped it (the
+        mappings stay; nothing is left in tmpfs if a process dies later)."""
+        if self._shared is not None and os.path.exists(self._shared[0]):
+            os.unlink(self._shared[0])
+
+    def close_shared_weights(self) -> None:
+        """Drop this process's mapping (and the file's name if it is still there)."""
+        self.unlink_shared_weights()
+        self._shared = None
 
     # ---- weight sync over a torch process group / CUDA IPC (raykd.roles.weight_sync) -------
     def _sync_tensors(self) -> list[tuple[str, torch.Tensor]] | None:

@@ -31,7 +31,7 @@ class HFRolloutWorker(Sampler):
     """Holds a copy of the policy being trained (or any model to decode from)."""
 
     capabilities = SamplerCapabilities(
-        teacher_mixing=True, weight_sync=("object_store",), exact_logprobs=True
+        teacher_mixing=True, weight_sync=("shared_memory", "object_store"), exact_logprobs=True
     )
 
     def __init__(
@@ -56,6 +56,7 @@ class HFRolloutWorker(Sampler):
         self._tied = {"lm_head.weight"} if tied else set()
         self._updated: set[str] = set()
         self._borrowed: set[int] = set()  # weights that are borrowed (read-only) buffers
+        self._shared: list | None = None  # views into the learner's shared weight file
         self.stop_ids = _stop_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -93,6 +94,34 @@ class HFRolloutWorker(Sampler):
             if missing:
                 raise RuntimeError(f"weight sync: missing tensors {sorted(missing)[:5]}")
         return n
+
+    def load_shared_weights(self, region: dict | None = None) -> int | None:
+        """Weights from the learner's shared file mapping (``shared_memory`` sync). With
+        ``region`` (``{path, layout, bytes, node}``, once per file) map it and borrow its
+        views as the weights: from then on the learner's writes into the file are this
+        model's new weights with no copy. Without it, apply the mapped views again (a weight
+        kept apart, e.g. another dtype, is copied). Returns the tensors loaded, or None when
+        this process cannot map the file (another node, the file gone): the caller then
+        syncs another way."""
+        import os
+
+        import ray
+
+        from raykd.roles.tensor_transport import map_shared_buffer, unpack_bucket
+
+        if region is not None:
+            here = ray.get_runtime_context().get_node_id()
+            if region["node"] != here or not os.path.exists(region["path"]):
+                return None
+            buf = map_shared_buffer(region["path"], region["bytes"])
+            self._shared = unpack_bucket(buf, region["layout"])
+        if self._shared is None:
+            raise RuntimeError("load_shared_weights before a shared weight file was mapped")
+        return self.update_weights(self._shared, finished=True, borrow=True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the current weights on the CPU (to check a sync against the learner's)."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def generate(

@@ -13,6 +13,9 @@ torch.
   DeepSpeed (learner) and vLLM (engine) already own in their processes.
 * **Broadcast protocol** (:func:`send_buckets` / :func:`receive_buckets`), root rank 0: an
   ``int64`` length, the JSON layout of every bucket, then one buffer per bucket.
+* **A shared file mapping** (:func:`create_shared_buffer` / :func:`map_shared_buffer`): a
+  packed buffer backed by a file on tmpfs (``/dev/shm``) that processes of one node map
+  ``MAP_SHARED``; a write by one is seen by all with no copy and no message.
 * **CUDA IPC** (:func:`export_ipc` / :func:`import_ipc`): a packed CUDA buffer shared with
   a colocated process by ``torch.multiprocessing.reductions.reduce_tensor``, keyed by the
   GPU's UUID (the receiver may number devices differently).
@@ -69,11 +72,27 @@ def pack_bucket(
     if device is None:
         device = named_tensors[0][1].device if named_tensors else "cpu"
     buf = torch.empty(total, dtype=torch.uint8, device=device)
-    for (_, t), (_, _, _, offset, nbytes) in zip(named_tensors, layout):
+    pack_into(buf, named_tensors, layout)
+    return buf, layout
+
+
+def pack_into(buf: torch.Tensor, named_tensors: NamedTensors, layout: list[list]) -> int:
+    """Copy every tensor's bytes into ``buf`` at its offset in ``layout`` (which must describe
+    these very tensors: same names, dtypes and shapes, in order). Returns the bytes copied."""
+    if len(layout) != len(named_tensors):
+        raise ValueError(f"layout has {len(layout)} tensors, {len(named_tensors)} given")
+    copied = 0
+    for (name, t), (lname, dtype, shape, offset, nbytes) in zip(named_tensors, layout):
+        if name != lname or list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
+            raise ValueError(
+                f"tensor {name!r} {str(t.dtype)} {list(t.shape)} does not match the layout's "
+                f"{lname!r} {dtype} {shape}"
+            )
         if nbytes:
             flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
             buf[offset : offset + nbytes].copy_(flat)
-    return buf, layout
+            copied += nbytes
+    return copied
 
 
 def unpack_bucket(buf: torch.Tensor, layout: list[list]) -> list[tuple[str, torch.Tensor]]:
@@ -178,6 +197,33 @@ def receive_buckets(pg, device: torch.device | str) -> Iterator[list[tuple[str, 
         buf = torch.empty(layout_bytes(layout), dtype=torch.uint8, device=device)
         _broadcast(pg, buf)
         yield unpack_bucket(buf, layout)
+
+
+# ---- a shared file mapping (one node) ---------------------------------------------------------
+def create_shared_buffer(path: str, nbytes: int) -> torch.Tensor:
+    """A new file ``path`` (mode 0600; an existing one is an error) of ``nbytes``, its blocks
+    reserved up front, mapped ``MAP_SHARED`` as a ``uint8`` tensor. Reserving matters on
+    tmpfs: a full one fails here with ``OSError`` (ENOSPC) instead of killing the writer with
+    SIGBUS on its first write past the free space."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(1, nbytes))
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return map_shared_buffer(path, nbytes)
+
+
+def map_shared_buffer(path: str, nbytes: int) -> torch.Tensor:
+    """The file ``path`` (made by :func:`create_shared_buffer`) mapped ``MAP_SHARED`` as a
+    ``uint8`` tensor of ``nbytes``: the mapping outlives the file's name (unlink it once every
+    process has mapped it) and sees every write to it."""
+    size = os.stat(path).st_size
+    if size < nbytes:
+        raise ValueError(f"shared weight file {path} holds {size} bytes, {nbytes} expected")
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
 
 # ---- CUDA IPC ----------------------------------------------------------------------------------

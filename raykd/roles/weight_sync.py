@@ -14,6 +14,14 @@ Strategies (:data:`STRATEGIES`):
   buffers as its weights instead of copying them (the ``hf`` one does; all samplers on a node
   then share one copy). The CPU default and the fallback everywhere.
 
+* ``shared_memory`` — learner rank 0 packs the weights into one file on tmpfs (``/dev/shm``,
+  ``rollout.shm_dir``) that every sampler on its node maps once and takes as its weights
+  (views, no copy; the ``hf`` backend). A sync is then one copy of the weights into the
+  mapping and one call per sampler: no object-store allocation, no page faults after the
+  first. The file's name is removed as soon as the samplers have mapped it. It falls back to
+  ``object_store`` for the rest of the stage (a warning, ``sync_fallback`` 1 in the metrics)
+  when a sampler is on another node or the directory lacks room. The default for ``hf``.
+
 * ``torch_group`` — a process group of its own (not ``torch.distributed``'s default group,
   which DeepSpeed and vLLM already own) between learner rank 0 and every engine worker of the
   samplers: gloo on CPU, NCCL on GPU; built on the first sync, then rank 0 broadcasts each
@@ -27,10 +35,14 @@ Strategies (:data:`STRATEGIES`):
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
+SHM_DIR = "/dev/shm"
 
 
 def distinct_tensors(
@@ -95,6 +107,59 @@ class ObjectStoreSync:
             "sync_seconds": time.perf_counter() - t0,
             "sync_buckets": float(len(buckets)),
             "sync_tensors": float(sum(loaded) / max(1, len(samplers))),
+        }
+
+
+class SharedMemorySync(ObjectStoreSync):
+    """Learner rank 0 writes into a file mapping that the samplers of its node share."""
+
+    name = "shared_memory"
+
+    def __init__(self, bucket_mb: float = 64.0, shm_dir: str = SHM_DIR):
+        super().__init__(bucket_mb)
+        self.shm_dir = shm_dir
+        self._members = None  # the sampler group that mapped the current file
+        self.fallback: str | None = None  # why this strategy syncs through the object store
+
+    def forget(self) -> None:
+        self._members = None  # a replaced sampler maps a new file on the next sync
+
+    def _connect(self, learners, samplers) -> tuple[str | None, list]:
+        """A new file with the current weights, mapped by every sampler: ``(None, tensors
+        loaded per sampler)``, or ``(the reason it cannot be done, [])``."""
+        region = learners.call("open_shared_weights", self.shm_dir)[0]
+        if "error" in region:
+            return region["error"], []
+        try:
+            loaded = samplers.call("load_shared_weights", region)
+        finally:
+            learners.call_rank(0, "unlink_shared_weights")
+        missing = [i for i, n in enumerate(loaded) if n is None]
+        if missing:
+            return f"rollout worker(s) {missing} cannot map {region['path']} (another node)", []
+        self._members = samplers
+        return None, loaded
+
+    def sync(self, learners, samplers) -> dict[str, float]:
+        t0 = time.perf_counter()
+        if self.fallback is None and self._members is not samplers:
+            self.fallback, loaded = self._connect(learners, samplers)
+            if self.fallback is None:
+                return self._stats(t0, samplers, loaded)
+            log.warning("shared_memory weight sync: %s; syncing through the object store "
+                        "instead", self.fallback)  # fmt: skip
+            learners.call("close_shared_weights")
+        if self.fallback is not None:
+            return {**super().sync(learners, samplers), "sync_fallback": 1.0}
+        learners.call("write_shared_weights")
+        return self._stats(t0, samplers, samplers.call("load_shared_weights"))
+
+    def _stats(self, t0: float, samplers, loaded) -> dict[str, float]:
+        return {
+            "sync_seconds": time.perf_counter() - t0,
+            "sync_buckets": 1.0,
+            "sync_tensors": float(sum(loaded) / max(1, len(samplers))),
+            "sync_fallback": 0.0,
         }
 
 
@@ -166,13 +231,16 @@ class CudaIpcSync(ObjectStoreSync):
 
 
 STRATEGIES: dict[str, type] = {
+    "shared_memory": SharedMemorySync,
     "object_store": ObjectStoreSync,
     "torch_group": TorchGroupSync,
     "cuda_ipc": CudaIpcSync,
 }
 
 
-def make_strategy(name: str, bucket_mb: float):
+def make_strategy(name: str, bucket_mb: float, shm_dir: str = SHM_DIR):
     if name not in STRATEGIES:
         raise ValueError(f"unknown weight sync {name!r}; valid: {', '.join(sorted(STRATEGIES))}")
+    if name == "shared_memory":
+        return SharedMemorySync(bucket_mb, shm_dir)
     return STRATEGIES[name](bucket_mb)

@@ -109,8 +109,13 @@ def test_offpolicy_step_quick(results):
 def test_weight_sync_quick(results):
     data = results["weight_sync"]
     hf = data["hf"]
-    assert finite_positive(hf["sync_seconds"]["median"], hf["plain_copy_seconds"]["median"],
-                           hf["sync_vs_plain_copy"])  # fmt: skip
+    assert set(hf["sync_seconds"]) == set(hf["sync_vs_plain_copy"]) == {
+        "shared_memory", "object_store"}  # fmt: skip
+    for name, spread in hf["sync_seconds"].items():
+        assert finite_positive(spread["median"], hf["sync_vs_plain_copy"][name],
+                               hf["first_sync_seconds"][name])  # fmt: skip
+        assert spread["min"] <= spread["median"] <= spread["max"]
+    assert finite_positive(hf["plain_copy_seconds"]["median"])
     # a sync ships each storage once: tied embeddings are not sent twice
     assert hf["shipped_mb"] <= hf["unique_storage_mb"] + 1e-6 < hf["state_dict_mb"]
     assert data["vllm_skipped"] == "--quick"

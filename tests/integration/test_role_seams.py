@@ -16,6 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from raykd.algorithms.common import scored_logprobs
 from raykd.batch import Example, examples_to_batch
 from raykd.config import load_config
+from raykd.models import load_model
 from raykd.roles.factory import SlotPlacement, actor_threads, learner_group, sampler_group
 from raykd.roles.group import Placement, RoleGroup
 from raykd.roles.teacher import TeacherScorer
@@ -116,7 +117,7 @@ def test_bucketed_weight_sync_moves_exactly_the_learner_weights(ray_node, tiny_t
     is sent once; a small bucket size splits the stream into many buckets."""
     from raykd.algorithms.supervised import sft_loss
 
-    cfg = _cfg(tiny_teacher, "rollout.sync_bucket_mb=0.05")
+    cfg = _cfg(tiny_teacher, "rollout.sync_bucket_mb=0.05", "rollout.weight_sync=object_store")
     learners = learner_group(cfg, tiny_teacher, SETUP)
     samplers = sampler_group(cfg, tiny_teacher)
     try:
@@ -132,7 +133,6 @@ def test_bucketed_weight_sync_moves_exactly_the_learner_weights(ray_node, tiny_t
         assert stats["sync_buckets"] > 3
         assert stats["sync_tensors"] == len(want) - (1 if tied else 0)
         # the sampler's greedy decode equals one of a local model with the learner's weights
-        from raykd.models import load_model
 
         local = load_model(tiny_teacher)
         local.load_state_dict(want)
@@ -148,6 +148,72 @@ def test_bucketed_weight_sync_moves_exactly_the_learner_weights(ray_node, tiny_t
         # and the update changed something the un-synced sampler did not have
         fresh = load_model(tiny_teacher).state_dict()
         assert any(not torch.equal(fresh[k], want[k]) for k in want)
+    finally:
+        learners.shutdown()
+        samplers.shutdown()
+
+
+def _train(learners, seed):
+    from raykd.algorithms.supervised import sft_loss
+
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(seed))
+    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones(2, 10)}
+    learners.train_step([[mb]], sft_loss)
+
+
+def _shm_files() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if f.startswith("raykd-weights-")}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shared_memory_sync_gives_every_sampler_the_learner_weights_at_each_step(
+    ray_node, tiny_teacher, dtype
+):
+    """The default hf sync (auto -> shared_memory): after each of two train steps + syncs,
+    every sampler's weights are the learner's exactly (float32: the mapped file itself;
+    bfloat16: copies of it). The second step is the one a sync that only maps the file once
+    and never writes it again would get wrong. No weight file is left in /dev/shm."""
+    cfg = _cfg(tiny_teacher, f"rollout.dtype={dtype}")
+    learners = learner_group(cfg, tiny_teacher, SETUP)
+    samplers = sampler_group(cfg, tiny_teacher)
+    before = _shm_files()
+    try:
+        assert learners.weight_sync.name == "shared_memory"
+        for step in range(2):
+            _train(learners, seed=step)
+            stats = learners.sync_weights(samplers)
+            assert stats["sync_fallback"] == 0.0
+            want = learners.call("state_dict")[0]
+            for got in samplers.call("state_dict"):
+                assert set(got) == set(want)
+                for k, w in want.items():
+                    assert torch.equal(got[k], w.to(got[k].dtype)), (step, k)
+            assert _shm_files() == before  # the name went as soon as both had mapped it
+        fresh = load_model(tiny_teacher).state_dict()
+        assert any(not torch.equal(fresh[k], want[k]) for k in want)
+    finally:
+        learners.shutdown()
+        samplers.shutdown()
+
+
+def test_shared_memory_sync_falls_back_to_the_object_store_when_it_cannot_map(
+    ray_node, tiny_teacher, caplog
+):
+    """No room for the file (here: no such directory): a warning with the reason, then the
+    object store, with the same weights arriving."""
+    cfg = _cfg(tiny_teacher, "rollout.shm_dir=/nonexistent/raykd", "rollout.num_workers=1")
+    learners = learner_group(cfg, tiny_teacher, SETUP)
+    samplers = sampler_group(cfg, tiny_teacher)
+    try:
+        _train(learners, seed=3)
+        with caplog.at_level("WARNING", logger="raykd.roles.weight_sync"):
+            stats = learners.sync_weights(samplers)
+        assert stats["sync_fallback"] == 1.0 and "sync_buckets" in stats
+        assert "cannot make" in caplog.text and "/nonexistent/raykd" in caplog.text
+        assert "object store" in caplog.text
+        want = learners.call("state_dict")[0]
+        got = samplers.call("state_dict")[0]
+        assert all(torch.equal(got[k], want[k]) for k in want)
     finally:
         learners.shutdown()
         samplers.shutdown()

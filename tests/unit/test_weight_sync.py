@@ -44,6 +44,69 @@ def test_pack_unpack_round_trip_keeps_dtype_shape_and_alignment():
         tt.unpack_bucket(buf, [["x", "float99", [1], 0, 4]])
 
 
+def _read_shared(path, nbytes, layout, start, queue):
+    """Another process: map the file, then report what it sees after each write."""
+    views = tt.unpack_bucket(tt.map_shared_buffer(path, nbytes), layout)
+    start.put("mapped")
+    for _ in range(2):
+        queue.put([(n, t.clone()) for n, t in views])
+        start.get(timeout=60)
+
+
+def test_shared_file_mapping_shows_every_write_to_another_process(tmp_path):
+    """A buffer made by create_shared_buffer and mapped by a second process: each write by
+    the first (pack_into) is what the second reads, with no message but "look now", even after
+    the file's name is gone; the file is private (0600) and never silently reused."""
+    import os
+    import stat
+
+    tensors = _mixed()
+    layout, total = tt.bucket_layout(tensors)
+    path = str(tmp_path / "weights")
+    buf = tt.create_shared_buffer(path, total)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and os.stat(path).st_size == total
+    with pytest.raises(FileExistsError):
+        tt.create_shared_buffer(path, total)
+    with pytest.raises(ValueError, match="holds"):
+        tt.map_shared_buffer(path, total + 16)
+    assert tt.pack_into(buf, tensors, layout) == sum(t.numel() * t.element_size()
+                                                     for _, t in tensors)  # fmt: skip
+    ctx = mp.get_context("spawn")
+    start, queue = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_read_shared, args=(path, total, layout, start, queue))
+    proc.start()
+    try:
+        assert start.get(timeout=60) == "mapped"
+        os.unlink(path)  # the mappings outlive the name
+        for round_ in range(2):
+            sent = [(n, t * 3 + round_ if t.is_floating_point() else t) for n, t in tensors]
+            if round_:
+                tt.pack_into(buf, sent, layout)
+                start.put("go")
+            got = queue.get(timeout=60)
+            want = tensors if round_ == 0 else sent
+            assert [n for n, _ in got] == [n for n, _ in want]
+            for (_, g), (_, w) in zip(got, want):
+                assert g.dtype == w.dtype and torch.equal(g, w.contiguous())
+        start.put("done")
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+
+
+def test_pack_into_refuses_tensors_the_layout_does_not_describe():
+    tensors = _mixed()[:2]
+    layout, total = tt.bucket_layout(tensors)
+    buf = torch.empty(total, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="layout has 2 tensors, 1 given"):
+        tt.pack_into(buf, tensors[:1], layout)
+    other = [tensors[0], ("b.bias", torch.zeros(8, dtype=torch.bfloat16))]
+    with pytest.raises(ValueError, match=r"'b.bias' torch.bfloat16 \[8\] does not match"):
+        tt.pack_into(buf, other, layout)
+
+
 def _receiver(port, rank, world, rounds, queue):
     group = tt.stateless_group("127.0.0.1", port, rank, world, "gloo", timeout_s=60)
     for _ in range(rounds):
@@ -101,11 +164,12 @@ def test_ipc_handles_are_retargeted_at_the_receivers_device_and_refuse_other_gpu
 
 
 def test_strategies_are_registered_and_bucket_size_checked():
-    assert set(STRATEGIES) == {"object_store", "torch_group", "cuda_ipc"}
+    assert set(STRATEGIES) == {"shared_memory", "object_store", "torch_group", "cuda_ipc"}
     assert make_strategy("torch_group", 2.0).bucket_bytes == 2 * 2**20
+    assert make_strategy("shared_memory", 1.0, shm_dir="/tmp/x").shm_dir == "/tmp/x"
     with pytest.raises(ValueError, match="> 0 MiB"):
         make_strategy("cuda_ipc", 0)
-    with pytest.raises(ValueError, match="valid: cuda_ipc, object_store, torch_group"):
+    with pytest.raises(ValueError, match="valid: cuda_ipc, object_store, shared_memory, torch"):
         make_strategy("nccl", 1)
 
 
@@ -123,7 +187,7 @@ def test_vllm_backend_imports_without_vllm_and_declares_what_it_takes():
     assert "VLLMRolloutWorker VLLMTeacherScorer" in out.stdout
     caps = sampler_class("vllm").capabilities
     assert not caps.teacher_mixing and "torch_group" in caps.weight_sync
-    assert sampler_class("hf").capabilities.weight_sync == ("object_store",)
+    assert sampler_class("hf").capabilities.weight_sync == ("shared_memory", "object_store")
 
 
 def test_vllm_actor_settings_and_runtime_env(monkeypatch, tmp_path):
@@ -183,7 +247,13 @@ def test_topk_of_a_prompt_logprobs_entry_keeps_the_top_k_by_rank():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["rollout.weight_sync=torch_group"], "rollout.backend=hf takes ['object_store']"),
+        (
+            ["rollout.weight_sync=torch_group"],
+            "rollout.backend=hf takes ['auto', 'shared_memory', 'object_store']",
+        ),
+        (["rollout.backend=vllm", "rollout.weight_sync=shared_memory"], "backend=vllm takes"),
+        # auto is object_store for vLLM, which needs the in-process engine
+        (["rollout.backend=vllm", "rollout.vllm.multiprocessing=true"], "in-process vLLM"),
         (["rollout.backend=vllm", "rollout.vllm.multiprocessing=true"], "in-process vLLM"),
         (["rollout.backend=vllm", "reverse_kl.mix_alpha=0.2"], "holds the teacher"),
         (["rollout.vllm.kv_cache_gb=0"], "rollout.vllm.kv_cache_gb"),
@@ -195,6 +265,15 @@ def test_topk_of_a_prompt_logprobs_entry_keeps_the_top_k_by_rank():
 def test_config_pairs_backends_with_strategies(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, overrides)
+
+
+def test_auto_weight_sync_is_the_backends_first_choice():
+    from raykd.roles.backends import weight_sync_name
+
+    assert weight_sync_name(load_config(None, []).rollout) == "shared_memory"
+    assert weight_sync_name(load_config(None, ["rollout.backend=vllm"]).rollout) == "object_store"
+    rc = load_config(None, ["rollout.weight_sync=object_store"]).rollout
+    assert weight_sync_name(rc) == "object_store"
 
 
 def test_vllm_configs_that_work_load():
