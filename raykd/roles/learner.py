@@ -30,6 +30,8 @@ import torch
 from raykd.atomic import atomic_write_json, publish_dir, recover_dir
 from raykd.roles.step_guard import GuardedAdamW, StepGuard, any_rank, held_step, local_grad_norm
 
+SHARED_PREFIX = "raykd-weights-"  # shared_memory weight sync: <prefix><pid>-<random>
+
 
 def _skip_cpu_shm_op() -> None:
     """Keep DeepSpeed's CPU backend from JIT-building its shared-memory all-reduce op.
@@ -321,20 +323,21 @@ class Learner:
 
         import ray
 
-        from raykd.roles.tensor_transport import bucket_layout, create_shared_buffer, pack_into
+        from raykd.roles import tensor_transport as tt
 
         named = self._sync_tensors()
         if named is None:
             return None
         self.close_shared_weights()
-        layout, total = bucket_layout(named)
-        path = os.path.join(directory, f"raykd-weights-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        tt.remove_stale_shared_files(directory, SHARED_PREFIX)  # left by a killed learner
+        layout, total = tt.bucket_layout(named)
+        path = os.path.join(directory, f"{SHARED_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
-            buf = create_shared_buffer(path, total)
+            buf = tt.create_shared_buffer(path, total)
         except OSError as e:
             return {"error": f"cannot make {total / 2**20:.0f} MiB in {directory}: {e}"}
         self._shared = (path, buf, layout)
-        pack_into(buf, named, layout)
+        tt.pack_into(buf, named, layout)
         node = ray.get_runtime_context().get_node_id()
         return {"path": path, "layout": layout, "bytes": total, "node": node}
 

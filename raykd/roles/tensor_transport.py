@@ -216,6 +216,36 @@ def create_shared_buffer(path: str, nbytes: int) -> torch.Tensor:
     return map_shared_buffer(path, nbytes)
 
 
+def remove_stale_shared_files(directory: str, prefix: str) -> list[str]:
+    """Remove the files ``<prefix><pid>-*`` in ``directory`` whose maker ``pid`` is no longer
+    running (a process killed between making a shared file and removing its name); returns
+    the paths removed. Files of live processes, and of other users', are left alone."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except PermissionError:
+            continue  # alive, another user's
+        except ProcessLookupError:
+            pass
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_uid == os.getuid():
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def map_shared_buffer(path: str, nbytes: int) -> torch.Tensor:
     """The file ``path`` (made by :func:`create_shared_buffer`) mapped ``MAP_SHARED`` as a
     ``uint8`` tensor of ``nbytes``: the mapping outlives the file's name (unlink it once every

@@ -96,6 +96,23 @@ def test_shared_file_mapping_shows_every_write_to_another_process(tmp_path):
     assert proc.exitcode == 0
 
 
+def test_stale_shared_files_of_dead_makers_are_removed(tmp_path):
+    """A learner killed between making its file and removing the name leaves it behind; the
+    next one removes it, and leaves the files of live processes and foreign names alone."""
+    import os
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    for name in (f"raykd-weights-{dead}-ab12", f"raykd-weights-{os.getpid()}-cd34",
+                 "raykd-weights-x-1", "other-123-4"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"w")
+    removed = tt.remove_stale_shared_files(str(tmp_path), "raykd-weights-")
+    assert removed == [str(tmp_path / f"raykd-weights-{dead}-ab12")]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"raykd-weights-{os.getpid()}-cd34", "raykd-weights-x-1", "other-123-4"])  # fmt: skip
+    assert tt.remove_stale_shared_files(str(tmp_path / "missing"), "raykd-weights-") == []
+
+
 def test_pack_into_refuses_tensors_the_layout_does_not_describe():
     tensors = _mixed()[:2]
     layout, total = tt.bucket_layout(tensors)
