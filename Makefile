@@ -59,7 +59,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check raykd tests benchmarks jobs
 	$(VENV)/bin/ruff format --check raykd tests benchmarks jobs
 
-# Every benchmark in full (~25 min on 2 cores); results in benchmarks/results/, see BENCHMARKS.md.
+# Every benchmark in full (~25 min on 2 cores); results in benchmarks/results/, then
+# benchmarks/render.py rewrites BENCHMARKS.md's generated "Latest run" section from them (only
+# between its bench:begin/bench:end markers; the hand-written analysis is left as it is).
 # Each script also has a --quick mode (tiny models; tests/integration/test_benchmarks_quick.py).
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss_memory.py
@@ -69,6 +71,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/weight_sync.py
 	$(PY) benchmarks/teacher_scoring.py
 	$(PY) benchmarks/learner_step.py
+	$(PY) benchmarks/render.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

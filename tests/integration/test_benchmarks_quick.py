@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from render import BEGIN, END  # noqa: E402
 
 #: The quick runs: ``name -> (script, extra arguments)``. Cases the other runs already cover
 #: are left out (the TRL runner is the same for both of its benchmarks; the actors' side of
@@ -42,18 +46,25 @@ def run_quick(script: str, out: Path, env: dict, extra: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(ray_node, tmp_path_factory) -> dict[str, dict]:
-    """Every quick run's JSON by name."""
+def quick_runs(ray_node, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """The directory of the quick runs' JSONs (``<script>_quick.json``, as ``make bench``'s
+    ``--quick`` counterparts are named) and every JSON by name."""
     import ray
 
     tmp = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "RAYKD_BENCH_CACHE": str(tmp / "cache"),
            "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # fmt: skip
-    out = {n: run_quick(script, tmp / f"{n}.json", env, extra)
+    out = {n: run_quick(script, tmp / "results" / f"{Path(script).stem}_quick.json", env, extra)
            for n, (script, extra) in RUNS.items()}  # fmt: skip
     for data in out.values():
         assert data["quick"] is True and data["machine"]["cores"] >= 1
-    return out
+    return tmp / "results", out
+
+
+@pytest.fixture(scope="module")
+def results(quick_runs) -> dict[str, dict]:
+    """Every quick run's JSON by name."""
+    return quick_runs[1]
 
 
 def finite_positive(*values) -> bool:
@@ -143,3 +154,68 @@ def test_learner_step_quick(results):
     assert len(a) == len(b) == len(j) >= 1
     assert j == pytest.approx(a, rel=1e-5, abs=1e-6)  # the allocator changes no number
     assert finite_positive(data["summary"]["jemalloc_vs_system_wall"])
+
+
+def render_into(doc: Path, results_dir: Path) -> str:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "render.py"), "--quick", "--results",
+           str(results_dir), "--out", str(doc)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return doc.read_text()
+
+
+def split_section(text: str) -> tuple[str, str]:
+    """``(text outside the markers, the generated section)``; ``("text", "")`` without them."""
+    if BEGIN not in text:
+        return text, ""
+    begin, end = text.index(BEGIN), text.index(END) + len(END) + 1
+    return text[:begin] + text[end:], text[begin:end]
+
+
+def subsections(section: str) -> dict[str, str]:
+    parts = re.split(r"^### ", section, flags=re.M)[1:]
+    return {p.split(" ", 1)[0]: p for p in parts}
+
+
+def row(section: str, first_cell: str) -> str:
+    return next(line for line in section.splitlines() if line.startswith(f"| {first_cell} |"))
+
+
+def test_render_quick_results(quick_runs, tmp_path):
+    """render.py --quick on the quick runs: the hand-written BENCHMARKS.md is kept byte for
+    byte, one subsection per JSON with its figures, the same file when rendered again, and a
+    JSON without a key it should have only spoils its own subsection."""
+    results_dir, results = quick_runs
+    original = (REPO / "BENCHMARKS.md").read_text()
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(original)
+    first = render_into(doc, results_dir)
+    outside, section = split_section(first)
+    assert section and outside == split_section(original)[0]
+    assert "## Latest run (make bench)" in section and "quick runs, tiny models" in section
+    parts = subsections(section)
+    assert sorted(parts) == sorted(Path(s).stem for s, _ in RUNS.values())
+    assert "Not rendered" not in section
+    hf = results["weight_sync"]["hf"]
+    median = hf["sync_seconds"]["shared_memory"]["median"]
+    assert f"| {median:.3f} |" in row(parts["weight_sync"], "shared_memory (hf workers)")
+    s_step = results["onpolicy"]["cases"]["raykd_lm"]["s_per_step"]["mean"]
+    assert row(parts["onpolicy_step"], "raykd_lm").startswith(f"| raykd_lm | {s_step:.2f} |")
+    wall = results["learner_step"]["cases"]["actor"]["wall_per_call"]["mean"]
+    assert row(parts["learner_step"], "actor").startswith(f"| actor | {wall:.2f} |")
+    assert render_into(doc, results_dir) == first  # idempotent
+
+    broken = tmp_path / "broken"
+    shutil.copytree(results_dir, broken)
+    ws = json.loads((broken / "weight_sync_quick.json").read_text())
+    del ws["hf"]["plain_copy_seconds"]
+    (broken / "weight_sync_quick.json").write_text(json.dumps(ws))
+    doc.write_text(original)
+    outside, section = split_section(render_into(doc, broken))
+    assert outside == split_section(original)[0]
+    parts = subsections(section)
+    assert sorted(parts) == sorted(Path(s).stem for s, _ in RUNS.values())
+    assert "key 'plain_copy_seconds' missing" in " ".join(parts["weight_sync"].split())
+    assert "| shared_memory (hf workers)" not in parts["weight_sync"]
+    assert row(parts["onpolicy_step"], "raykd_lm").startswith(f"| raykd_lm | {s_step:.2f} |")
+    assert sum("Not rendered" in p for p in parts.values()) == 1
