@@ -78,6 +78,8 @@ class Rollout:
     response_texts: list[str] = field(default_factory=list)
     # [B, T] log p_T(y_t), when the sampler ran the teacher too (teacher-mixed sampling)
     teacher_logprobs: torch.Tensor | None = None
+    # per row: the response ended on a stop token (end of turn), not at max_new_tokens
+    stopped: list[bool] = field(default_factory=list)
 
 
 def token_logprobs(

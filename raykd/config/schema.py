@@ -294,6 +294,11 @@ class EvalConfig:
     # Code tasks with tests: pass@k over the sampled decodes for these k (k <= len(sample_seeds))
     pass_k: list[int] = field(default_factory=lambda: [1])
     exec_timeout_s: float = 5.0  # wall-clock limit of one sandboxed test run
+    # Code tasks: a "stub" row (the requested signature + `pass`, no model) in every table
+    stub_baseline: bool = True
+    # Code tasks: every model also on HumanEval's 164 problems (greedy, tests in the sandbox)
+    humaneval: bool = False
+    humaneval_max_new_tokens: int = 384
 
 
 @dataclass

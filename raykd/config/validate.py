@@ -229,6 +229,7 @@ SECTION_RULES: dict[str, dict[str, Check]] = {
         "num_report_samples": NON_NEGATIVE,
         "pass_k": _each(AT_LEAST_1),
         "exec_timeout_s": POSITIVE,
+        "humaneval_max_new_tokens": AT_LEAST_1,
     },
     "pipeline": {"checkpoint_every": NON_NEGATIVE},
     "quantize": {

@@ -1,4 +1,5 @@
-"""Scores for generated text and code: Rouge-L, code validity (parse rate) and retention.
+"""Scores for generated text and code: Rouge-L, code validity (parse rate), clean stops and
+retention.
 
 All percentages are on a 0-100 scale.  Means over zero examples are ``nan`` (there is
 nothing to average), and :func:`retention` is ``nan`` when the teacher score is 0 or
@@ -113,6 +114,45 @@ def code_validity(prediction: str, function_name: str | None = None) -> bool:
     )
 
 
+_OPEN_FENCE_RE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n")
+
+
+def clean_stop(prediction: str, function_name: str | None = None, stopped: bool = True) -> bool:
+    """Whether the answer is one function and then the end of turn.
+
+    All of: the decode ended on its own (``stopped``: a stop token, not the token limit); the
+    answer (whitespace stripped) is either bare code with no fence anywhere, or one fenced
+    Python block with nothing but whitespace before its opening line and after its closing
+    fence; that code parses, and its top level is imports and exactly one function (named
+    ``function_name`` when given) — so a second copy of the function after a stray fence, a
+    trailing explanation, or an answer cut off mid-function is not a clean stop, although
+    :func:`code_validity` accepts some of them.
+    """
+    if not stopped:
+        return False
+    text = prediction.strip()
+    if "```" in text:
+        head = _OPEN_FENCE_RE.match(text)
+        if head is None or head.group(1).lower() not in _PYTHON_TAGS:
+            return False
+        body, fence, rest = text[head.end() :].partition("```")
+        if not fence or rest.strip():
+            return False
+        text = body
+    if not text.strip():
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    others = [n for n in tree.body if not isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef
+                                                     | ast.Import | ast.ImportFrom)]  # fmt: skip
+    return len(defs) == 1 and not others and function_name in (None, defs[0].name)
+
+
 def parse_rate(predictions: Sequence[str], names: Sequence[str | None] | None = None) -> float:
     """Percentage of predictions for which :func:`code_validity` holds; ``nan`` for none."""
     if names is None:
@@ -142,6 +182,7 @@ def evaluate_predictions(
     references: Sequence[str],
     names: Sequence[str | None] | None = None,
     kind: Literal["code", "text"] = "text",
+    stopped: Sequence[bool] | None = None,
 ) -> dict:
     """Score generations against references.
 
@@ -152,10 +193,13 @@ def evaluate_predictions(
             entries, or ``names=None``, accept any function).
         kind: ``"code"`` scores Rouge-L on :func:`extract_code` of each prediction and adds
             the parse rate; ``"text"`` scores the raw text.
+        stopped: Per prediction, whether its decode ended on a stop token; given for
+            ``kind="code"``, the clean-stop rate (:func:`clean_stop`) is added.
 
     Returns:
-        ``{"kind", "num_examples", "rouge_l", "parse_rate" (code only), "per_example":
-        [{"rouge_l": float, "parses": bool (code only)}, ...]}``.
+        ``{"kind", "num_examples", "rouge_l", "parse_rate" (code only), "clean_stop_rate"
+        (code, with ``stopped``), "per_example": [{"rouge_l": float, "parses": bool,
+        "clean_stop": bool (code only)}, ...]}``.
     """
     if kind not in ("code", "text"):
         raise ValueError(f"kind must be 'code' or 'text', got {kind!r}")
@@ -176,5 +220,13 @@ def evaluate_predictions(
             entry["parses"] = code_validity(pred, name)
         valid = sum(e["parses"] for e in per_example)
         result["parse_rate"] = 100.0 * valid / len(per_example) if per_example else math.nan
+        if stopped is not None:
+            _check_lengths(predictions, stopped)  # type: ignore[arg-type]
+            for entry, pred, name, stop in zip(per_example, predictions, wanted, stopped):
+                entry["clean_stop"] = clean_stop(pred, name, bool(stop))
+            clean = sum(e["clean_stop"] for e in per_example)
+            result["clean_stop_rate"] = (
+                100.0 * clean / len(per_example) if per_example else math.nan
+            )
     result["per_example"] = per_example
     return result

@@ -41,7 +41,8 @@ from raykd.evaluate.metrics import retention
 
 TEACHER = "teacher"
 #: Models shown first, in this order; any other models follow in their given order.
-MODEL_ORDER: tuple[str, ...] = ("teacher_base", TEACHER, "student_before", "student_after")
+MODEL_ORDER: tuple[str, ...] = (
+    "stub", "teacher_base", TEACHER, "student_before", "student_after")  # fmt: skip
 
 
 def _num(value: Any) -> float:
@@ -143,17 +144,25 @@ def render_markdown(summary: Mapping[str, Any], num_samples: int = 3) -> str:
     models: dict[str, dict] = summary["models"]
     out = [f"# raykd report — {summary['task']} ({summary['kind']})", ""]
     executed = any(m.get("pass_at_1") is not None for m in models.values())
+    stops = any(m.get("clean_stop_rate") is not None for m in models.values())
+    humaneval = any(m.get("humaneval") for m in models.values())
     exec_head = " pass@1 | sampled pass@k | format | reasoning words |" if executed else ""
+    extra = int(stops) + int(humaneval)
     out += [
-        "| model | Rouge-L | parse rate |" + exec_head + " retention vs teacher | params "
+        "| model | Rouge-L | parse rate |" + (" clean stop |" if stops else "") + exec_head
+        + (" HumanEval pass@1 |" if humaneval else "") + " retention vs teacher | params "
         "| size MB |",
-        "|---|---:|---:|" + "---:|" * (4 if executed else 0) + "---:|---:|---:|",
-    ]
+        "|---|---:|---:|" + "---:|" * ((4 if executed else 0) + extra) + "---:|---:|---:|",
+    ]  # fmt: skip
     code = summary["kind"] == "code"
     for name, m in models.items():
         parse = _fmt(m.get("parse_rate")) if code or "parse_rate" in m else "—"
         ret = "—" if name == TEACHER else _fmt(m.get("retention"))
-        cells = _exec_cells(m) if executed else ""
+        cells = f" {_fmt(m.get('clean_stop_rate'))} |" if stops else ""
+        cells += _exec_cells(m) if executed else ""
+        if humaneval:
+            he = m.get("humaneval") or {}
+            cells += f" {_fmt(he.get('pass_at_1'))} |" if he else " — |"
         out.append(
             f"| {name} | {_fmt(m.get('rouge_l'))} | {parse} |{cells} {ret} "
             f"| {_fmt_params(m.get('params'))} | {_fmt(m.get('size_mb'))} |"
@@ -161,6 +170,15 @@ def render_markdown(summary: Mapping[str, Any], num_samples: int = 3) -> str:
     if not models:
         out.append("| (no models evaluated) | — | — | — | — | — |")
     out += ["", "Rouge-L is F1 x 100; retention is 100 x student Rouge-L / teacher Rouge-L."]
+    if stops:
+        out += ["clean stop: % of answers that are one function (bare, or one fenced block) "
+                "and then the end of turn; `stub` is the requested signature with a `pass` "
+                "body (no model), the floor every other row must beat."]  # fmt: skip
+    if humaneval:
+        he_n = next(m["humaneval"].get("num_examples") for m in models.values()
+                    if m.get("humaneval"))  # fmt: skip
+        out += [f"HumanEval pass@1: % of its {he_n} problems whose greedy answer passes the "
+                "problem's tests in the sandbox."]  # fmt: skip
     if executed:
         out += ["pass@1: % of problems whose greedy answer passes all its tests in the sandbox "
                 "(± binomial standard error); sampled pass@k: unbiased estimator "

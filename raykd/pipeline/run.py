@@ -33,7 +33,12 @@ from raykd.atomic import atomic_write_json, recover_dir
 from raykd.config import save_config
 from raykd.config.stages import stage_params
 from raykd.data import load_task
-from raykd.evaluate.generation import evaluate_model
+from raykd.evaluate.generation import (
+    evaluate_model,
+    evaluate_stub,
+    humaneval_cfg,
+    humaneval_summary,
+)
 from raykd.evaluate.report import write_report
 from raykd.models import (
     angular_distances,
@@ -118,7 +123,7 @@ def build_student(cfg, teacher_path: str, calibration: list[str], out_dir: Path)
 
 
 def _evaluate(cfg, rundir: RunDir, prov: Provenance, label: str, model_path: str, task,
-              placement=None) -> dict:  # fmt: skip
+              placement=None, humaneval=None) -> dict:  # fmt: skip
     record = rundir.path("eval", f"{label}.json")
     key = digest({
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
@@ -132,9 +137,34 @@ def _evaluate(cfg, rundir: RunDir, prov: Provenance, label: str, model_path: str
         return cached
     with sampler_group(cfg, model_path, placement=placement) as rollouts:
         result = evaluate_model(rollouts, task.eval, task.kind, cfg.eval, label)
+        if humaneval is not None:  # eval.humaneval: the same model on HumanEval too
+            result["humaneval"] = humaneval_summary(
+                evaluate_model(
+                    rollouts, humaneval, "code", humaneval_cfg(cfg.eval), f"{label} humaneval"
+                )  # fmt: skip
+            )
     result["model_path"] = model_path
     result["size_mb"] = model_size_mb(model_path)
     result["params"] = checkpoint_stats(model_path)["params"]  # packed weights unpacked
+    result["config_hash"] = key
+    atomic_write_json(record, result)
+    return result
+
+
+def _evaluate_stub(cfg, rundir: RunDir, prov: Provenance, task, humaneval=None) -> dict:
+    """The signature stub (:mod:`raykd.evaluate.baselines`) scored like a model."""
+    record = rundir.path("eval", "stub.json")
+    key = digest({"eval": OmegaConf.to_container(cfg.eval, resolve=True),
+                  "data": OmegaConf.to_container(cfg.data, resolve=True),
+                  "data_file": file_fingerprint(cfg.data.path), "model": "stub"})  # fmt: skip
+    cached = prov.reuse(record, key, [], chain=False)
+    if cached is not None:
+        return cached
+    result = evaluate_stub(task.eval, task.kind, cfg.eval)
+    if humaneval is not None:
+        result["humaneval"] = humaneval_summary(
+            evaluate_stub(humaneval, "code", humaneval_cfg(cfg.eval), "stub humaneval")
+        )
     result["config_hash"] = key
     atomic_write_json(record, result)
     return result
@@ -239,6 +269,12 @@ def run_pipeline(
                          seed=cfg.run.seed, system_prompt=dc.system_prompt)  # fmt: skip
         task.eval, task.kind = held.eval, held.kind
         task.stats.update(eval=len(held.eval), eval_task=held.stats)
+    humaneval = None  # eval.humaneval: every model of a code task also on HumanEval
+    if cfg.eval.humaneval and task.kind == "code":
+        humaneval = load_task("humaneval", tokenizer, max_length=max(dc.max_length, 2048),
+                              num_train=0, num_eval=None, seed=cfg.run.seed,
+                              system_prompt=dc.system_prompt).eval  # fmt: skip
+
     atomic_write_json(rundir.path("stages", "data.json"), task.stats)
     print(
         f"[raykd] task {dc.task}: {len(task.train)} train / {len(task.eval)} eval examples "
@@ -285,7 +321,10 @@ def run_pipeline(
     check_quantize_settings(cfg, str(student_dir))  # its real sizes, before any training
 
     def evaluate(label, path):
-        return _evaluate(cfg, rundir, prov, label, path, task, placement)
+        return _evaluate(cfg, rundir, prov, label, path, task, placement, humaneval)
+
+    if cfg.eval.stub_baseline and task.kind == "code":  # the no-model floor, in every table
+        results["models"]["stub"] = _evaluate_stub(cfg, rundir, prov, task, humaneval)
 
     if cfg.pipeline.eval_teacher:
         if teacher_path != base_teacher:

@@ -80,6 +80,12 @@ class Sampler(abc.ABC):
         """Only the response texts (evaluation)."""
         return self.generate(prompts, **kwargs).response_texts
 
+    def generate_answers(self, prompts: list[list[int]], **kwargs) -> list[tuple[str, bool]]:
+        """``(response text, stopped)`` per prompt: ``stopped`` when the response ended on a
+        stop token (end of turn) rather than at ``max_new_tokens`` (evaluation)."""
+        out = self.generate(prompts, **kwargs)
+        return list(zip(out.response_texts, out.stopped, strict=True))
+
     @abc.abstractmethod
     def update_weights(
         self,
@@ -89,8 +95,9 @@ class Sampler(abc.ABC):
     ) -> int:
         """Load one bucket of new weights; ``finished`` marks the update's last bucket, after
         which every weight must have been replaced exactly once (tied weights are sent once).
-        ``borrow``: the tensors are read-only buffers nobody else writes (the object store's),
-        which a backend may keep as its weights instead of copying them (or ignore).
+        ``borrow``: buffers only the sender writes (the object store's read-only ones, or the
+        shared weight file the learner rewrites at each ``shared_memory`` sync), which a
+        backend may keep as its weights instead of copying them (or ignore).
         Returns the number of tensors loaded by this call."""
 
 

@@ -166,7 +166,7 @@ class HFRolloutWorker(Sampler):
             gen, gen_lp, teacher_lp = gen.cpu(), gen_lp.cpu(), teacher_lp.cpu()
         else:
             gen, gen_lp = self._generate(ids, attn, max_new_tokens, greedy, temperature, top_p)
-        seqs, masks, lps, tlps, texts = [], [], [], [], []
+        seqs, masks, lps, tlps, texts, stopped = [], [], [], [], [], []
         for i, p in enumerate(prompts):
             resp = gen[i].tolist()
             n = len(resp)
@@ -175,6 +175,7 @@ class HFRolloutWorker(Sampler):
                     n = j + 1
                     break
             resp = resp[:n]
+            stopped.append(bool(resp) and resp[-1] in self.stop_ids)
             seqs.append(list(p) + resp)
             masks.append([0.0] * len(p) + [1.0] * n)
             lps.append([0.0] * len(p) + gen_lp[i, :n].tolist())
@@ -188,6 +189,7 @@ class HFRolloutWorker(Sampler):
             [len(p) for p in prompts],
             texts,
             teacher_logprobs=pad_rows(tlps, batch.loss_mask) * batch.loss_mask if tlps else None,
+            stopped=stopped,
         )
 
     def _generate(self, ids, attn, max_new_tokens, greedy, temperature, top_p):

@@ -165,7 +165,7 @@ class VLLMRolloutWorker(Sampler):
             temperature=temperature, top_p=top_p, seed=seed, stop=stops,
         )  # fmt: skip
         outputs = self.llm.generate([eng.tokens_prompt(p) for p in rows], params, use_tqdm=False)
-        seqs, masks, lps, texts = [], [], [], []
+        seqs, masks, lps, texts, stopped = [], [], [], [], []
         for p, out in zip(rows, outputs):
             o = out.outputs[0]
             resp = list(o.token_ids)
@@ -173,6 +173,7 @@ class VLLMRolloutWorker(Sampler):
                 if t in self.stop_ids:
                     resp = resp[: j + 1]
                     break
+            stopped.append(o.finish_reason == "stop" or (bool(resp) and resp[-1] in self.stop_ids))
             lp = [float(o.logprobs[j][t].logprob) for j, t in enumerate(resp)]
             seqs.append(p + resp)
             masks.append([0.0] * len(p) + [1.0] * len(resp))
@@ -187,6 +188,7 @@ class VLLMRolloutWorker(Sampler):
             pad_rows(lps, batch.loss_mask) * batch.loss_mask,
             [len(p) for p in rows],
             texts,
+            stopped=stopped,
         )
 
     # ---- weights ----------------------------------------------------------------------
