@@ -299,6 +299,7 @@ class EvalConfig:
     # Code tasks: every model also on HumanEval's 164 problems (greedy, tests in the sandbox)
     humaneval: bool = False
     humaneval_max_new_tokens: int = 384
+    humaneval_problems: Optional[int] = None  # a sub-sample of the 164 (None: all)
 
 
 @dataclass

@@ -230,6 +230,7 @@ SECTION_RULES: dict[str, dict[str, Check]] = {
         "pass_k": _each(AT_LEAST_1),
         "exec_timeout_s": POSITIVE,
         "humaneval_max_new_tokens": AT_LEAST_1,
+        "humaneval_problems": number(1, optional=True),
     },
     "pipeline": {"checkpoint_every": NON_NEGATIVE},
     "quantize": {

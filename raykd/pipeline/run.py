@@ -272,7 +272,8 @@ def run_pipeline(
     humaneval = None  # eval.humaneval: every model of a code task also on HumanEval
     if cfg.eval.humaneval and task.kind == "code":
         humaneval = load_task("humaneval", tokenizer, max_length=max(dc.max_length, 2048),
-                              num_train=0, num_eval=None, seed=cfg.run.seed,
+                              num_train=0, num_eval=cfg.eval.humaneval_problems,
+                              seed=cfg.run.seed,
                               system_prompt=dc.system_prompt).eval  # fmt: skip
 
     atomic_write_json(rundir.path("stages", "data.json"), task.stats)

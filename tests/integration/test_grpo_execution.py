@@ -13,6 +13,7 @@ import pytest
 from raykd.batch import Example
 from raykd.data import TASKS, TaskSpec
 from raykd.data.records import TaskRecord
+from raykd.evaluate.metrics import clean_stop
 from raykd.pipeline.run import run_pipeline
 from raykd.rewards import get_reward
 
@@ -71,6 +72,9 @@ def test_grpo_execution_reward_values_cross_the_roles(ray_node, tiny_teacher, tm
         "grpo.lr=1e-3",
         "rollout.max_new_tokens=6",
         "eval.max_new_tokens=6",
+        "eval.humaneval=true",  # every model also on (4 of) HumanEval's problems
+        "eval.humaneval_problems=4",
+        "eval.humaneval_max_new_tokens=8",
     )
     results = run_pipeline(cfg)
     run_dir = run_dir_of(results)
@@ -115,4 +119,22 @@ def test_grpo_execution_reward_values_cross_the_roles(ray_node, tiny_teacher, tm
     assert after["pass_at_1"] == 100.0 * sum(verdicts) / 2
     data = json.loads((run_dir / "stages" / "data.json").read_text())
     assert data["eval"] == 2 and data["eval_task"]["task"] == "x_eval"
-    assert "pass@1" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "pass@1" in report
+
+    # the clean-stop verdicts are the metric's on the texts and stop flags the samplers sent
+    assert len(after["stopped"]) == len(after["predictions"]) == 2
+    names = [meta[u].get("name") for u in uids]
+    want = [clean_stop(p, n, s) for p, n, s in zip(after["predictions"], names, after["stopped"])]
+    assert [e["clean_stop"] for e in after["per_example"]] == want
+    assert after["clean_stop_rate"] == 100.0 * sum(want) / 2
+    # the stub row: the requested "signature" + pass, valid and clean, and it passes nothing
+    stub = results["models"]["stub"]
+    assert stub["predictions"] == ["def solution():\n    pass"] * 2
+    assert stub["clean_stop_rate"] == 100.0 and stub["pass_at_1"] == 0.0
+    # HumanEval beside the task, for the student and the stub: 4 problems, run in the sandbox
+    for row in (after, stub):
+        assert row["humaneval"]["num_examples"] == 4
+        assert 0.0 <= row["humaneval"]["pass_at_1"] <= 100.0
+    assert stub["humaneval"]["pass_at_1"] == 0.0
+    assert "HumanEval pass@1" in report and "| stub |" in report and "clean stop" in report
