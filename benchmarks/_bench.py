@@ -243,11 +243,24 @@ def print_report(table_text: str, figures: dict, out: Path, fmt: str = "{}") -> 
     print(f"-> {out}")
 
 
+def commit() -> str | None:
+    """The repository's short HEAD, ``+dirty`` when tracked files differ from it; None
+    outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, text=True, capture_output=True, timeout=10).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def write_result(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), **data}  # fmt: skip
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit(), **data}  # fmt: skip
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
     return path
 

@@ -58,6 +58,7 @@ def quick_runs(ray_node, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
            for n, (script, extra) in RUNS.items()}  # fmt: skip
     for data in out.values():
         assert data["quick"] is True and data["machine"]["cores"] >= 1
+        assert data["commit"] is None or len(data["commit"].removesuffix("+dirty")) >= 7
     return tmp / "results", out
 
 
