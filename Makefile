@@ -63,6 +63,7 @@ lint: $(STAMP)
 # benchmarks/render.py rewrites BENCHMARKS.md's generated "Latest run" section from them (only
 # between its bench:begin/bench:end markers; the hand-written analysis is left as it is).
 # Each script also has a --quick mode (tiny models; tests/integration/test_benchmarks_quick.py).
+# benchmarks/quantize_smollm.py (~10 min) runs on its own; render.py picks its JSON up too.
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss_memory.py
 	$(PY) benchmarks/onpolicy_step.py
@@ -71,6 +72,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/weight_sync.py
 	$(PY) benchmarks/teacher_scoring.py
 	$(PY) benchmarks/learner_step.py
+	$(PY) benchmarks/execution_reward.py
 	$(PY) benchmarks/render.py
 
 clean:
