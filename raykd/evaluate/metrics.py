@@ -91,6 +91,18 @@ def extract_code(text: str) -> str:
     return blocks[0][1].strip("\n")
 
 
+def _parse(code: str) -> ast.Module | None:
+    """``code`` parsed, or None when it is blank or is not Python."""
+    if not code.strip():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SyntaxWarning for odd escapes in model output
+            return ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
 def code_validity(prediction: str, function_name: str | None = None) -> bool:
     """Whether ``prediction`` (after :func:`extract_code`) is Python that defines a function.
 
@@ -98,14 +110,8 @@ def code_validity(prediction: str, function_name: str | None = None) -> bool:
     not a solution), parses, and contains a ``def``/``async def`` — named ``function_name``
     when one is given (at any nesting level, so a method counts).
     """
-    code = extract_code(prediction)
-    if not code.strip():
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # SyntaxWarning for odd escapes in model output
-            tree = ast.parse(code)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    tree = _parse(extract_code(prediction))
+    if tree is None:
         return False
     return any(
         isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
@@ -139,13 +145,8 @@ def clean_stop(prediction: str, function_name: str | None = None, stopped: bool 
         if not fence or rest.strip():
             return False
         text = body
-    if not text.strip():
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = ast.parse(text)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    tree = _parse(text)
+    if tree is None:
         return False
     defs = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
     others = [n for n in tree.body if not isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef

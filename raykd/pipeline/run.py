@@ -122,16 +122,21 @@ def build_student(cfg, teacher_path: str, calibration: list[str], out_dir: Path)
     return info
 
 
-def _evaluate(cfg, rundir: RunDir, prov: Provenance, label: str, model_path: str, task,
-              placement=None, humaneval=None) -> dict:  # fmt: skip
-    record = rundir.path("eval", f"{label}.json")
-    key = digest({
+def _eval_key(cfg, **parts) -> str:
+    """Fingerprint of an eval result: the eval and data settings, the data file, ``parts``."""
+    return digest({
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "data_file": file_fingerprint(cfg.data.path),
-        "rollout": {k: cfg.rollout[k] for k in ("backend", "dtype")},
-        "model": model_fingerprint(model_path),
+        **parts,
     })  # fmt: skip
+
+
+def _evaluate(cfg, rundir: RunDir, prov: Provenance, label: str, model_path: str, task,
+              placement=None, humaneval=None) -> dict:  # fmt: skip
+    record = rundir.path("eval", f"{label}.json")
+    key = _eval_key(cfg, model=model_fingerprint(model_path),
+                    rollout={k: cfg.rollout[k] for k in ("backend", "dtype")})  # fmt: skip
     cached = prov.reuse(record, key, [], chain=False)
     if cached is not None:
         return cached
@@ -154,9 +159,7 @@ def _evaluate(cfg, rundir: RunDir, prov: Provenance, label: str, model_path: str
 def _evaluate_stub(cfg, rundir: RunDir, prov: Provenance, task, humaneval=None) -> dict:
     """The signature stub (:mod:`raykd.evaluate.baselines`) scored like a model."""
     record = rundir.path("eval", "stub.json")
-    key = digest({"eval": OmegaConf.to_container(cfg.eval, resolve=True),
-                  "data": OmegaConf.to_container(cfg.data, resolve=True),
-                  "data_file": file_fingerprint(cfg.data.path), "model": "stub"})  # fmt: skip
+    key = _eval_key(cfg, model="stub")  # no model, no sampler settings
     cached = prov.reuse(record, key, [], chain=False)
     if cached is not None:
         return cached
