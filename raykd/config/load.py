@@ -148,3 +148,8 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
     from raykd.atomic import atomic_write_text
 
     atomic_write_text(Path(path), OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def split_seed(cfg) -> int:
+    """The seed of the data split and order: ``data.split_seed``, else ``run.seed``."""
+    return cfg.run.seed if cfg.data.split_seed is None else cfg.data.split_seed

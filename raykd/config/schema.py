@@ -107,6 +107,9 @@ class DataConfig:
     num_train: Optional[int] = None
     num_eval: Optional[int] = 32
     eval_fraction: float = 0.2
+    # Seeds the train/eval split and the order of both splits; None: run.seed. Set it to
+    # compare training seeds on one held-out set (and to reuse a teacher tuned on its split).
+    split_seed: Optional[int] = None
     system_prompt: Optional[str] = None
     # Evaluate on another task's eval split (e.g. humaneval) instead of data.task's own.
     eval_task: Optional[str] = None

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from raykd.algorithms import get_algorithm
 from raykd.algorithms.common import Reporter, StageContext, console_reporter
 from raykd.atomic import atomic_write_json, recover_dir
-from raykd.config import save_config
+from raykd.config import save_config, split_seed
 from raykd.config.stages import stage_params
 from raykd.data import load_task
 from raykd.evaluate.generation import (
@@ -255,6 +255,7 @@ def run_pipeline(
     check_quantize_settings(cfg, student_shape_source(cfg, teacher_path))
     tokenizer = load_tokenizer(teacher_path)
     dc = cfg.data
+    data_seed = split_seed(cfg)  # data.split_seed, else run.seed
     task = load_task(
         dc.task,
         tokenizer,
@@ -263,20 +264,20 @@ def run_pipeline(
         num_train=dc.num_train,
         num_eval=dc.num_eval,
         eval_fraction=dc.eval_fraction,
-        seed=cfg.run.seed,
+        seed=data_seed,
         system_prompt=dc.system_prompt,
     )
     if dc.eval_task:  # held out on another task (e.g. train on function_tasks, eval HumanEval)
         held = load_task(dc.eval_task, tokenizer, path=dc.eval_path, max_length=dc.max_length,
                          num_train=0, num_eval=dc.num_eval, eval_fraction=dc.eval_fraction,
-                         seed=cfg.run.seed, system_prompt=dc.system_prompt)  # fmt: skip
+                         seed=data_seed, system_prompt=dc.system_prompt)  # fmt: skip
         task.eval, task.kind = held.eval, held.kind
         task.stats.update(eval=len(held.eval), eval_task=held.stats)
     humaneval = None  # eval.humaneval: every model of a code task also on HumanEval
     if cfg.eval.humaneval and task.kind == "code":
         humaneval = load_task("humaneval", tokenizer, max_length=max(dc.max_length, 2048),
                               num_train=0, num_eval=cfg.eval.humaneval_problems,
-                              seed=cfg.run.seed,
+                              seed=data_seed,
                               system_prompt=dc.system_prompt).eval  # fmt: skip
 
     atomic_write_json(rundir.path("stages", "data.json"), task.stats)

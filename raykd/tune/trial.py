@@ -36,7 +36,7 @@ from ray.tune.execution.placement_groups import PlacementGroupFactory
 from ray.util import get_current_placement_group
 
 from raykd.algorithms.common import console_reporter
-from raykd.config import load_config
+from raykd.config import load_config, split_seed
 from raykd.pipeline.resources import run_bundles, slot_indices
 from raykd.roles.factory import SlotPlacement
 from raykd.tune.spec import point_overrides, stage_offsets, total_steps
@@ -174,7 +174,8 @@ def category_scores(cfg, results: dict) -> dict[str, float]:
     dc = cfg.data
     task = load_task(dc.task, load_tokenizer(cfg.teacher.model), path=dc.path,
                      max_length=dc.max_length, num_train=dc.num_train, num_eval=dc.num_eval,
-                     eval_fraction=dc.eval_fraction, seed=cfg.run.seed,
+                     eval_fraction=dc.eval_fraction,
+                     seed=split_seed(cfg),
                      system_prompt=dc.system_prompt)  # fmt: skip
     by_cat: dict[str, list[float]] = {}
     for ex, scored in zip(task.eval, per_example):

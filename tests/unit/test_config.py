@@ -93,3 +93,16 @@ def test_every_shipped_config_loads():
     assert confs
     for p in confs:
         load_config(p)
+
+
+def test_split_seed_keeps_the_held_out_set_across_training_seeds():
+    from raykd.config import split_seed
+    from raykd.data.stdlib_code import mine_stdlib_functions, split_by_module
+
+    by_run = load_config(None, ["run.seed=1"])
+    pinned = load_config(None, ["run.seed=1", "data.split_seed=0"])
+    assert split_seed(by_run) == 1 and split_seed(pinned) == 0
+    records = mine_stdlib_functions()
+    held = {s: {r.uid for r in split_by_module(records, 0.2, s)[1]} for s in (0, 1)}
+    assert held[0] != held[1]  # the run seed alone would move the held-out modules
+    assert {r.uid for r in split_by_module(records, 0.2, split_seed(pinned))[1]} == held[0]
