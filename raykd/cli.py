@@ -49,6 +49,18 @@ def _sweep(args: list[str], summary_only: bool) -> int:
     return 1 if summary["counts"].get("error") else 0
 
 
+def _compare(ns) -> int:
+    from raykd.evaluate.compare import render_markdown, write_comparison
+
+    try:
+        result = write_comparison(ns.runs, ns.markdown, ns.png, ns.title)
+    except ValueError as err:
+        print(f"raykd: compare: {err}", file=sys.stderr)
+        return 2
+    print(render_markdown(result), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raykd", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     p_w = sub.add_parser("sweep", help="run or resume a Ray Tune sweep (see raykd.tune)")
     p_w.add_argument("args", nargs="+", help="sweep file, run configs, key=value (sweep.*: spec)")
     p_w.add_argument("--summary-only", action="store_true", help="rewrite the summary only")
+    p_c = sub.add_parser("compare", help="compare finished runs (see raykd.evaluate.compare)")
+    p_c.add_argument("runs", nargs="+", help="run directories scored on one held-out set")
+    p_c.add_argument("--markdown", help="fill the compare markers of this file (or create it)")
+    p_c.add_argument("--png", help="write the retention vs training-minutes plot here")
+    p_c.add_argument("--title", default="", help="the plot's title")
     ns = parser.parse_args(argv)
+    if ns.command == "compare":
+        return _compare(ns)
     if ns.command == "sweep":
         return _sweep(ns.args, ns.summary_only)
     if ns.command == "sandbox":
