@@ -54,6 +54,14 @@ class RunView:
     config: dict
     models: dict[str, dict] = field(default_factory=dict)  # eval label -> eval record
     stages: dict[str, dict] = field(default_factory=dict)  # training stage -> summary
+    student: dict = field(default_factory=dict)  # stages/student.json: how it was built
+
+    def non_embedding(self, label: str) -> int | None:
+        """Non-embedding parameters of a row's model (from how the student was built)."""
+        key = "teacher_params" if label.startswith("teacher") else "params"
+        if label == "stub":
+            return None
+        return (self.student.get(key) or {}).get("non_embedding")
 
     @property
     def name(self) -> str:
@@ -124,7 +132,9 @@ def load_run(root: str | Path) -> RunView:
     for p in sorted((root / "eval").glob("*.json")):
         view.models[p.stem] = _read_json(p)
     for p in sorted((root / "stages").glob("*.json")):
-        if p.stem not in ("data", "student"):
+        if p.stem == "student":
+            view.student = _read_json(p)
+        elif p.stem != "data":
             view.stages[p.stem] = _read_json(p)
     return view
 
@@ -142,7 +152,6 @@ def _row(label: str, model: Mapping, teacher_rouge: float | None, **extra) -> di
         "clean_stop_rate": model.get("clean_stop_rate"),
         "pass_at_1": model.get("pass_at_1"),
         "humaneval_pass_at_1": _humaneval(model),
-        "non_embedding": (model.get("params") or {}).get("non_embedding"),
         "num_examples": len(model.get("per_example") or []),
         **extra,
     }
@@ -184,7 +193,8 @@ def compare_runs(views: Sequence[RunView]) -> dict:
         raise ValueError("no run evaluated the teacher (pipeline.eval_teacher): nothing to "
                          "measure retention against")  # fmt: skip
     teacher_rouge = shared["teacher"][1].get("rouge_l")
-    references = [_row(label, model, teacher_rouge, run=view.name, minutes=0.0)
+    references = [_row(label, model, teacher_rouge, run=view.name, minutes=0.0,
+                       non_embedding=view.non_embedding(label))
                   for label, (view, model) in shared.items()]  # fmt: skip
     runs = []
     for view in views:
@@ -193,6 +203,7 @@ def compare_runs(views: Sequence[RunView]) -> dict:
                              "or trained no student)")  # fmt: skip
         runs.append(_row(view.name, view.models["student_after"], teacher_rouge, run=view.name,
                          method=view.method, seed=view.seed,
+                         non_embedding=view.non_embedding("student_after"),
                          minutes=round(view.train_minutes(), 1),
                          phases=view.phase_minutes()))  # fmt: skip
     methods: dict[str, list[dict]] = {}

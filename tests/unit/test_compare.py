@@ -28,7 +28,7 @@ def model(scores, parse=100.0, clean=50.0, humaneval=None, non_embedding=60_000_
         "parse_rate": parse,
         "clean_stop_rate": clean,
         "per_example": [{"rouge_l": s} for s in scores],
-        "params": {"non_embedding": non_embedding, "total": non_embedding + 1},
+        "params": non_embedding + 1_000,  # eval records hold the total
     }
     if humaneval is not None:
         rec["humaneval"] = {"pass_at_1": humaneval}
@@ -52,6 +52,8 @@ def make_run(root: Path, algorithm: str, seed: int, scores, seconds: float, *, t
     (root / "stages" / f"{stage}.json").write_text(json.dumps({"seconds": seconds}))
     (root / "stages" / "teacher-sft.json").write_text(json.dumps({"seconds": 780.0}))
     (root / "stages" / "data.json").write_text("{}")
+    built = {"params": {"non_embedding": 60_000_000}, "teacher_params": {"non_embedding": 106e6}}
+    (root / "stages" / "student.json").write_text(json.dumps(built))
     (root / "eval" / "student_after.json").write_text(json.dumps(model(scores, humaneval=0.0)))
     if teacher:
         tuned = {**model([40.0] * len(scores), humaneval=2.0), "model_path": TEACHER}
@@ -69,6 +71,7 @@ def test_rows_retention_seed_means_and_paired_differences(tmp_path):
 
     refs = {r["label"]: r for r in result["references"]}
     assert refs["teacher"]["retention"] == pytest.approx(100.0)
+    assert refs["teacher"]["non_embedding"] == 106e6 and refs["stub"]["non_embedding"] is None
     assert refs["stub"]["retention"] == pytest.approx(50.0)  # 20 / 40
     assert refs["student_before"]["retention"] == pytest.approx(10.0)
     runs = {r["run"]: r for r in result["runs"]}
