@@ -30,12 +30,13 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from raykd.atomic import atomic_write
 from raykd.evaluate.metrics import retention
+from raykd.evaluate.report import _fmt as _f
+from raykd.evaluate.report import _fmt_params as _params
 from raykd.rundir import RunDir
 
 #: Shared rows, in the order the table shows them.
@@ -58,9 +59,9 @@ class RunView:
 
     def non_embedding(self, label: str) -> int | None:
         """Non-embedding parameters of a row's model (from how the student was built)."""
-        key = "teacher_params" if label.startswith("teacher") else "params"
         if label == "stub":
             return None
+        key = "teacher_params" if label.startswith("teacher") else "params"
         return (self.student.get(key) or {}).get("non_embedding")
 
     @property
@@ -105,11 +106,10 @@ class RunView:
         steps = 0.0
         for stage in self.student_stages:
             for row in metrics.read_metrics(stage["name"]):
+                steps += float(row.get("time/step", 0.0)) / 60.0
                 for key, value in row.items():
                     if key.startswith("time/") and key != "time/step":
                         out[key[5:]] = out.get(key[5:], 0.0) + float(value) / 60.0
-                    elif key == "time/step":
-                        steps += float(value) / 60.0
         out["setup"] = max(0.0, self.train_minutes() - steps)
         return out
 
@@ -235,16 +235,6 @@ def _mean_per_example(views: Sequence[RunView]) -> list[float]:
     if len({len(x) for x in lists}) != 1:
         raise ValueError(f"runs {[str(v.root) for v in views]} scored different example counts")
     return [statistics.fmean(col) for col in zip(*lists)]
-
-
-def _f(value: Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{float(value):.{digits}f}"
-
-
-def _params(value: Any) -> str:
-    return "—" if value is None else f"{value / 1e6:.1f}M"
 
 
 def render_markdown(result: Mapping) -> str:
